@@ -1,0 +1,19 @@
+"""hypothesis profiles for tests/ and verification/.
+
+dev (default): random exploration. ci (chosen when CI is set): derandomized, fixed examples, no
+deadline, sized so `pytest verification/` stays under 5 minutes on 2 cores. thorough: 10× dev's
+examples; choose any profile with HYPOTHESIS_PROFILE=<name>.
+"""
+
+import os
+
+from hypothesis import settings
+
+DEV_EXAMPLES = 40
+
+settings.register_profile("dev", max_examples=DEV_EXAMPLES, deadline=None)
+settings.register_profile(
+    "ci", max_examples=DEV_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True
+)
+settings.register_profile("thorough", max_examples=10 * DEV_EXAMPLES, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

@@ -1,0 +1,64 @@
+"""CRATE's layer steps, each derived from an objective by torch.autograd (math.md §3, §4, §6a).
+
+The compression step is a gradient step on R^c (or on its Taylor polynomial, or on the softmax
+surrogate); the sparsification step is one proximal-gradient step on the non-negative LASSO. No
+closed-form gradient appears here: verification/ compares these autograd results with the closed forms.
+"""
+
+import torch
+
+from ._checks import require_dictionary, require_nonnegative, require_positive, require_tokens
+from .objective import compression_rate, compression_rate_taylor2, compression_surrogate, lasso_data_term
+
+COMPRESSION_MODES = ("exact", "taylor2", "softmax")
+
+
+def compression_gradient(
+    Z: torch.Tensor, U: torch.Tensor, eps: float, mode: str = "exact", temperature: float = 1.0
+) -> torch.Tensor:
+    """∇_Z of R^c ("exact"), of R^c₂ ("taylor2") or of S(Z; stop-gradient(Z)) ("softmax"), by autograd.
+
+    Returns a tensor shaped like Z, detached from any graph Z belongs to.
+    """
+    if mode not in COMPRESSION_MODES:
+        raise ValueError(f"mode must be one of {COMPRESSION_MODES}, got {mode!r}")
+    require_tokens("Z", Z)
+    Z_var = Z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        if mode == "exact":
+            value = compression_rate(Z_var, U, eps)
+        elif mode == "taylor2":
+            value = compression_rate_taylor2(Z_var, U, eps)
+        else:
+            value = compression_surrogate(Z_var, Z.detach(), U, eps, temperature)
+        (gradient,) = torch.autograd.grad(value.sum(), Z_var)  # images are independent: sum = per image
+    return gradient
+
+
+def compression_step(
+    Z: torch.Tensor, U: torch.Tensor, eps: float, kappa: float, mode: str = "exact", temperature: float = 1.0
+) -> torch.Tensor:
+    """Z − κ·∇(objective of ``mode``): one compression (MSSA) step of the paper, math.md §6a."""
+    require_positive("kappa", kappa)
+    return Z - kappa * compression_gradient(Z, U, eps, mode, temperature)
+
+
+def nonnegative_soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
+    """prox of t·|·| + 𝟙{· ≥ 0}, entry-wise: max(v − t, 0). Derived in reference.symbolic."""
+    return torch.clamp_min(v - t, 0.0)
+
+
+def ista_step(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
+    """One proximal-gradient step on ½‖X − DA‖² + λ‖A‖₁ + 𝟙{A ≥ 0}, warm-started at A = X  (math.md §4).
+
+    The data term's gradient comes from autograd, then the non-negative soft-threshold prox with
+    threshold ηλ.
+    """
+    require_tokens("X", X)
+    require_dictionary(D, X.shape[-1])
+    require_positive("eta", eta)
+    require_nonnegative("lam", lam)
+    A = X.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(lasso_data_term(A, X.detach(), D).sum(), A)
+    return nonnegative_soft_threshold(X - eta * gradient, eta * lam)
