@@ -1,0 +1,169 @@
+"""hypothesis strategies for the verification suite (math.md §8.5).
+
+Shapes include odd sizes, N < p and p < N; scales and ε are log-uniform; every tensor comes from a
+drawn integer seed through a torch.Generator, so a failing example is reproduced by its printed
+fields. Each strategy `note()`s what it drew.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from hypothesis import note
+from hypothesis import strategies as st
+
+DTYPE = torch.float64
+
+
+def log_uniform(low: float, high: float) -> st.SearchStrategy[float]:
+    return st.floats(math.log10(low), math.log10(high)).map(lambda exponent: 10.0**exponent)
+
+
+def seeds() -> st.SearchStrategy[int]:
+    return st.integers(0, 2**31 - 1)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=DTYPE) * scale
+
+
+def orthonormal_columns(dim: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """(dim, count) with orthonormal columns, count <= dim."""
+    return torch.linalg.qr(randn((dim, dim), generator)).Q[:, :count]
+
+
+@dataclass(frozen=True)
+class HeadProblem:
+    """Tokens Z (B, N, d), subspaces U (K, d, p) and a coding precision ε."""
+
+    batch: int
+    tokens: int
+    dim: int
+    heads: int
+    head_dim: int
+    seed: int
+    scale: float
+    eps: float
+    orthonormal: bool
+
+    @property
+    def Z(self) -> torch.Tensor:
+        return randn((self.batch, self.tokens, self.dim), self._generator(0), self.scale)
+
+    @property
+    def U(self) -> torch.Tensor:
+        generator = self._generator(1)
+        K, d, p = self.heads, self.dim, self.head_dim
+        if self.orthonormal:
+            return orthonormal_columns(d, K * p, generator).reshape(d, K, p).transpose(0, 1).contiguous()
+        return randn((K, d, p), generator, d**-0.5)
+
+    @property
+    def gamma(self) -> float:
+        return self.head_dim / (self.tokens * self.eps**2)
+
+    def _generator(self, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 2 + stream)
+
+
+@st.composite
+def head_problems(
+    draw,
+    *,
+    max_dim: int = 9,
+    max_tokens: int = 11,
+    max_heads: int = 3,
+    max_batch: int = 2,
+    scales: tuple[float, float] = (1e-2, 10.0),
+    eps: tuple[float, float] = (0.05, 2.0),
+    orthonormal: bool = False,
+    complete: bool = False,
+    min_heads: int = 1,
+) -> HeadProblem:
+    """orthonormal: U_[K] has orthonormal columns (K·p <= d); complete: also K·p = d."""
+    if complete:
+        heads = draw(st.integers(min_heads, max_heads))
+        head_dim = draw(st.integers(1, max(1, max_dim // heads)))
+        dim = heads * head_dim
+    else:
+        dim = draw(st.integers(max(1, min_heads), max_dim))
+        heads = draw(st.integers(min_heads, min(max_heads, dim) if orthonormal else max_heads))
+        head_dim = draw(st.integers(1, dim // heads if orthonormal else dim))
+    problem = HeadProblem(
+        batch=draw(st.integers(1, max_batch)),
+        tokens=draw(st.integers(1, max_tokens)),
+        dim=dim,
+        heads=heads,
+        head_dim=head_dim,
+        seed=draw(seeds()),
+        scale=draw(log_uniform(*scales)),
+        eps=draw(log_uniform(*eps)),
+        orthonormal=orthonormal or complete,
+    )
+    note(f"{problem}, gamma={problem.gamma:.4g}")
+    return problem
+
+
+@st.composite
+def token_matrices(draw, *, max_tokens: int = 9, max_dim: int = 7, scales=(1e-2, 3.0), batch: int = 2):
+    """A (batch, N, p) float64 tensor: the per-head tokens W_k of one attention head."""
+    shape = (batch, draw(st.integers(1, max_tokens)), draw(st.integers(1, max_dim)))
+    seed, scale = draw(seeds()), draw(log_uniform(*scales))
+    note(f"tokens shape={shape}, seed={seed}, scale={scale:.4g}")
+    return randn(shape, torch.Generator().manual_seed(seed), scale)
+
+
+def step_fractions() -> st.SearchStrategy[float]:
+    """A fraction of a step-size limit, bounded away from subnormals (math.md §8.5)."""
+    return st.floats(1e-3, 1.0)
+
+
+@dataclass(frozen=True)
+class OfficialProblem:
+    """A randomly initialised official CRATE (LayerNorm affine and biases randomised too) and a
+    stream X (B, N, d) to feed its transformer."""
+
+    batch: int
+    tokens: int
+    heads: int
+    head_dim: int
+    depth: int
+    seed: int
+    scale: float
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    def model(self, rho: float = 1.0) -> "reference.OfficialCRATE":
+        import reference
+
+        generator = torch.Generator().manual_seed(self.seed)
+        state = reference.random_official_state_dict(
+            dim=self.dim, depth=self.depth, heads=self.heads, head_dim=self.head_dim, patch_size=2,
+            channels=1, num_patches=4, num_classes=3, generator=generator,
+        )
+        for key in state:
+            if ".norm." in key or key.endswith("bias"):
+                state[key] = state[key] + 0.3 * randn(state[key].shape, generator)
+        return reference.OfficialCRATE.from_state_dict(state, heads=self.heads, patch_size=2, channels=1, rho=rho)
+
+    @property
+    def X(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        return randn((self.batch, self.tokens, self.dim), generator, self.scale)
+
+
+@st.composite
+def official_problems(draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3) -> OfficialProblem:
+    problem = OfficialProblem(
+        batch=draw(st.integers(1, 2)),
+        tokens=draw(st.integers(1, 9)),
+        heads=draw(st.integers(1, max_heads)),
+        head_dim=draw(st.integers(1, max_head_dim)),
+        depth=draw(st.integers(1, max_depth)),
+        seed=draw(seeds()),
+        scale=draw(log_uniform(1e-1, 10.0)),
+    )
+    note(str(problem))
+    return problem
