@@ -9,11 +9,11 @@ import os
 
 from hypothesis import settings
 
-DEV_EXAMPLES = 40
+DEV_EXAMPLES = 100
 
 settings.register_profile("dev", max_examples=DEV_EXAMPLES, deadline=None)
 settings.register_profile(
-    "ci", max_examples=DEV_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True
+    "ci", max_examples=5 * DEV_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True
 )
 settings.register_profile("thorough", max_examples=10 * DEV_EXAMPLES, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

@@ -18,7 +18,7 @@ def layer_measurements(model: OfficialCRATE, images: torch.Tensor, eps: float = 
     rows = []
     with torch.no_grad():
         states = model.forward_intermediates(images)
-        for layer, (state, (mssa, _)) in enumerate(zip(states, model.transformer.layers)):
+        for layer, (state, (mssa, _)) in enumerate(zip(states, model.transformer.layers, strict=True)):
             U = mssa.fn.subspaces()
             rows.append(
                 dict(
@@ -33,10 +33,13 @@ def layer_measurements(model: OfficialCRATE, images: torch.Tensor, eps: float = 
 
 def format_table(rows: list[dict]) -> str:
     def stat(values: torch.Tensor) -> str:
-        return f"{values.mean():9.3f} ± {values.std():7.3f}" if values.numel() > 1 else f"{values.item():9.3f}"
+        return (
+            f"{values.mean():9.3f} ± {values.std():7.3f}" if values.numel() > 1 else f"{values.item():9.3f}"
+        )
 
     lines = [
-        f"{'layer':>5} | {'R^c in (LN1 Z^l)':>19} | {'R^c after MSSA':>19} | {'change':>8} | {'non-zero':>17}",
+        f"{'layer':>5} | {'R^c in (LN1 Z^l)':>19} | {'R^c after MSSA':>19} | "
+        f"{'change':>8} | {'non-zero':>17}",
         "-" * 82,
     ]
     for row in rows:
@@ -58,19 +61,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     generator = torch.Generator().manual_seed(args.seed)
-    sizes = dict(dim=args.dim, depth=args.depth, heads=args.heads, head_dim=args.dim // args.heads,
-                 patch_size=7, channels=1, num_patches=16, num_classes=10)
+    sizes = dict(
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        head_dim=args.dim // args.heads,
+        patch_size=7,
+        channels=1,
+        num_patches=16,
+        num_classes=10,
+    )
     model = OfficialCRATE.from_state_dict(
         random_official_state_dict(**sizes, generator=generator), heads=args.heads, patch_size=7, channels=1
     )
     images = torch.randn(args.batch, 1, 28, 28, dtype=torch.float64, generator=generator)
     start = time.perf_counter()
     rows = layer_measurements(model, images)
-    print(f"Random CRATE (d={args.dim}, depth={args.depth}, heads={args.heads}, 28×28 grayscale, patch 7), "
-          f"float64 reference, {args.batch} random images; mean ± std over images")
+    print(
+        f"Random CRATE (d={args.dim}, depth={args.depth}, heads={args.heads}, 28×28 grayscale, patch 7), "
+        f"float64 reference, {args.batch} random images; mean ± std over images"
+    )
     print(format_table(rows))
-    print(f"({time.perf_counter() - start:.2f} s) An untrained model: these numbers are a baseline, "
-          "not evidence of compression or sparsification.")
+    print(
+        f"({time.perf_counter() - start:.2f} s) An untrained model: these numbers are a baseline, "
+        "not evidence of compression or sparsification."
+    )
 
 
 if __name__ == "__main__":

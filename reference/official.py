@@ -166,7 +166,9 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
     missing = [key for key in anchors if key not in state_dict]
     if missing:
         raise KeyError(f"state dict lacks {missing}: the model's sizes are read from these keys")
-    layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(r"transformer\.layers\.(\d+)\.", key))}
+    layer_ids = {
+        int(m.group(1)) for key in state_dict if (m := re.match(r"transformer\.layers\.(\d+)\.", key))
+    }
     inner_dim = state_dict["transformer.layers.0.0.fn.qkv.weight"].shape[0]
     if heads < 1 or inner_dim % heads:
         raise ValueError(
@@ -183,15 +185,20 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
 
 
 def _check_state_dict(state_dict: dict, expected: dict[str, tuple[int, ...]]) -> None:
-    problems = [f"missing key {key!r} (expected shape {shape})" for key, shape in expected.items()
-                if key not in state_dict]
+    problems = [
+        f"missing key {key!r} (expected shape {shape})"
+        for key, shape in expected.items()
+        if key not in state_dict
+    ]
     problems += [f"unexpected key {key!r}" for key in state_dict if key not in expected]
     for key, shape in expected.items():
         value = state_dict.get(key)
         if value is None:
             continue
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            problems.append(f"key {key!r} must be a floating-point tensor, got {getattr(value, 'dtype', type(value))}")
+            problems.append(
+                f"key {key!r} must be a floating-point tensor, got {getattr(value, 'dtype', type(value))}"
+            )
         elif tuple(value.shape) != shape:
             problems.append(f"key {key!r} has shape {tuple(value.shape)}, expected {shape}")
     if problems:
@@ -258,9 +265,7 @@ class OfficialCRATE(nn.Module):
     def _check_images(self, images: torch.Tensor) -> None:
         require_float64("images", images)
         if images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(
-                f"images must have shape (B, {self.channels}, H, W), got {tuple(images.shape)}"
-            )
+            raise ValueError(f"images must have shape (B, {self.channels}, H, W), got {tuple(images.shape)}")
         P = self.patch_size
         H, W = images.shape[-2:]
         if H % P or W % P:
@@ -307,8 +312,14 @@ def random_official_state_dict(
     token standard normal; Linear layers PyTorch's default U(±1/√fan_in); ISTA dictionary
     kaiming-uniform U(±√(6/d)); LayerNorms weight 1, bias 0."""
     shapes = official_state_dict_shapes(
-        dim=dim, depth=depth, heads=heads, head_dim=head_dim, patch_size=patch_size,
-        channels=channels, num_patches=num_patches, num_classes=num_classes,
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        head_dim=head_dim,
+        patch_size=patch_size,
+        channels=channels,
+        num_patches=num_patches,
+        num_classes=num_classes,
     )
     linear_fan_in = {
         "to_patch_embedding.2": patch_size * patch_size * channels,
@@ -331,5 +342,7 @@ def random_official_state_dict(
         elif fan_in is not None:
             state[key] = uniform(shape, fan_in**-0.5)
         else:
-            state[key] = torch.ones(shape, dtype=DTYPE) if key.endswith("weight") else torch.zeros(shape, dtype=DTYPE)
+            state[key] = (
+                torch.ones(shape, dtype=DTYPE) if key.endswith("weight") else torch.zeros(shape, dtype=DTYPE)
+            )
     return state

@@ -18,20 +18,23 @@ def compression_gradient(
 ) -> torch.Tensor:
     """∇_Z of R^c ("exact"), of R^c₂ ("taylor2") or of S(Z; stop-gradient(Z)) ("softmax"), by autograd.
 
-    Returns a tensor shaped like Z, detached from any graph Z belongs to.
+    Differentiable in Z (and U) when they require grad: the gradient graph is then kept.
     """
     if mode not in COMPRESSION_MODES:
         raise ValueError(f"mode must be one of {COMPRESSION_MODES}, got {mode!r}")
     require_tokens("Z", Z)
-    Z_var = Z.detach().requires_grad_(True)
+    differentiable = Z.requires_grad or U.requires_grad
+    Z_var = Z.clone() if Z.requires_grad else Z.detach().requires_grad_(True)  # a node of its own
     with torch.enable_grad():
         if mode == "exact":
             value = compression_rate(Z_var, U, eps)
         elif mode == "taylor2":
             value = compression_rate_taylor2(Z_var, U, eps)
         else:
-            value = compression_surrogate(Z_var, Z.detach(), U, eps, temperature)
-        (gradient,) = torch.autograd.grad(value.sum(), Z_var)  # images are independent: sum = per image
+            # keys: Z itself, outside Z_var's path, so the gradient below does not flow through them
+            value = compression_surrogate(Z_var, Z, U, eps, temperature)
+        # images are independent, so the gradient of the sum is the per-image gradient
+        (gradient,) = torch.autograd.grad(value.sum(), Z_var, create_graph=differentiable)
     return gradient
 
 
@@ -58,7 +61,8 @@ def ista_step(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch
     require_dictionary(D, X.shape[-1])
     require_positive("eta", eta)
     require_nonnegative("lam", lam)
-    A = X.detach().requires_grad_(True)
+    differentiable = X.requires_grad or D.requires_grad
+    A = X.clone() if X.requires_grad else X.detach().requires_grad_(True)  # the codes, a node of their own
     with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(lasso_data_term(A, X.detach(), D).sum(), A)
+        (gradient,) = torch.autograd.grad(lasso_data_term(A, X, D).sum(), A, create_graph=differentiable)
     return nonnegative_soft_threshold(X - eta * gradient, eta * lam)

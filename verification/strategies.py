@@ -12,6 +12,8 @@ import torch
 from hypothesis import note
 from hypothesis import strategies as st
 
+import reference
+
 DTYPE = torch.float64
 
 
@@ -135,18 +137,25 @@ class OfficialProblem:
     def dim(self) -> int:
         return self.heads * self.head_dim
 
-    def model(self, rho: float = 1.0) -> "reference.OfficialCRATE":
-        import reference
-
+    def model(self, rho: float = 1.0) -> reference.OfficialCRATE:
         generator = torch.Generator().manual_seed(self.seed)
         state = reference.random_official_state_dict(
-            dim=self.dim, depth=self.depth, heads=self.heads, head_dim=self.head_dim, patch_size=2,
-            channels=1, num_patches=4, num_classes=3, generator=generator,
+            dim=self.dim,
+            depth=self.depth,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            patch_size=2,
+            channels=1,
+            num_patches=4,
+            num_classes=3,
+            generator=generator,
         )
         for key in state:
             if ".norm." in key or key.endswith("bias"):
                 state[key] = state[key] + 0.3 * randn(state[key].shape, generator)
-        return reference.OfficialCRATE.from_state_dict(state, heads=self.heads, patch_size=2, channels=1, rho=rho)
+        return reference.OfficialCRATE.from_state_dict(
+            state, heads=self.heads, patch_size=2, channels=1, rho=rho
+        )
 
     @property
     def X(self) -> torch.Tensor:
@@ -155,7 +164,9 @@ class OfficialProblem:
 
 
 @st.composite
-def official_problems(draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3) -> OfficialProblem:
+def official_problems(
+    draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3
+) -> OfficialProblem:
     problem = OfficialProblem(
         batch=draw(st.integers(1, 2)),
         tokens=draw(st.integers(1, 9)),

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference
-from verification.asserts import assert_close, assert_within, max_abs, relative_difference
+from verification.asserts import assert_close, max_abs, relative_difference
 from verification.closed_forms import head_tokens, neumann_compression_gradient, paper_mssa, ssa
 from verification.strategies import head_problems, log_uniform, randn, step_fractions, token_matrices
 
@@ -90,8 +90,11 @@ def test_ssa_is_not_the_gradient_of_any_energy(seed):
 
 
 # Row 11 -----------------------------------------------------------------------------------------
-@given(head_problems(complete=True, scales=(1e-2, 3.0), eps=(0.3, 3.0)), step_fractions(),
-       st.sampled_from([1.0, 0.5, 0.125]))
+@given(
+    head_problems(complete=True, scales=(1e-2, 3.0), eps=(0.3, 3.0)),
+    step_fractions(),
+    st.sampled_from([1.0, 0.5, 0.125]),
+)
 def test_surrogate_step_is_paper_softmax_update(problem, fraction, temperature):
     """Z − κ∇_Z S(Z; sg(Z)) = (1 − κγ)Z + κγ·MSSA(Z|U) for square orthonormal U_[K]; 1e-12 × the
     size of the two terms. κγ ranges over (0, 1]."""
@@ -116,7 +119,7 @@ def test_column_softmax_equals_token_major_row_softmax(W):
     The official token-major MSSA, with one head and no output projection, computes the same."""
     column_form = _column_ssa(W[0].T, axis=0).T[None]
     assert_close(ssa(W), column_form, 1e-12 * (1 + max_abs(W)), "token-major vs column form")
-    n_tokens, p = W.shape[-2:]
+    p = W.shape[-1]
     official = reference.official.MSSA(p, heads=1, head_dim=p)
     official.scale = 1.0
     with torch.no_grad():

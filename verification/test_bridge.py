@@ -12,7 +12,9 @@ from verification.closed_forms import subspace_stack
 from verification.strategies import head_problems, log_uniform, official_problems, step_fractions
 
 
-def _tied_official_layer(U: torch.Tensor, kappa: float, gamma: float, rho: float) -> reference.official.Transformer:
+def _tied_official_layer(
+    U: torch.Tensor, kappa: float, gamma: float, rho: float
+) -> reference.official.Transformer:
     """One official layer with LN₁ removed, s = 1, W_qkv = U_[K]ᵀ, W_out = κγ²U_[K], b_out = 0."""
     heads, dim, head_dim = U.shape
     layer = reference.official.Transformer(dim, 1, heads, head_dim, eta=0.1, lam=0.1, rho=rho)
@@ -86,7 +88,9 @@ def test_per_head_rotation_leaves_layers_unchanged(problem, rotation_seed):
     p = problem.head_dim
     with torch.no_grad():
         for mssa, _ in model.transformer.layers:
-            rotations = torch.linalg.qr(torch.randn(problem.heads, p, p, generator=generator, dtype=X.dtype)).Q
+            rotations = torch.linalg.qr(
+                torch.randn(problem.heads, p, p, generator=generator, dtype=X.dtype)
+            ).Q
             qkv = mssa.fn.qkv.weight.unflatten(0, (problem.heads, p))  # (K, p, d): U_kᵀ
             mssa.fn.qkv.weight.copy_((rotations.transpose(-1, -2) @ qkv).flatten(0, 1))
             if isinstance(mssa.fn.to_out, nn.Sequential):

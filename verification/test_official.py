@@ -1,0 +1,111 @@
+"""The float64 official architecture (reference.OfficialCRATE) against an independent functional
+implementation read straight from the state dict: patches by F.unfold, attention by
+F.scaled_dot_product_attention, every other step by torch.nn.functional (math.md §5, §6: measured
+3.6e-15). Also the measurement convention of the official tool (math.md §7)."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import reference
+from verification.asserts import assert_close, max_abs
+from verification.strategies import head_problems, randn, seeds
+
+
+def _functional_crate(state: dict, images: torch.Tensor, heads: int, patch_size: int, eta=0.1, lam=0.1):
+    """Logits of the official CRATE classifier, written independently of reference/official.py."""
+    B, C = images.shape[:2]
+    P = patch_size
+    columns = F.unfold(images, kernel_size=P, stride=P)  # (B, C·P·P, L), ordered (c, p1, p2)
+    x = columns.unflatten(1, (C, P, P)).permute(0, 4, 2, 3, 1).flatten(2)  # (B, L, P·P·C), (p1, p2, c)
+    dim = state["cls_token"].shape[-1]
+    x = F.layer_norm(
+        x, (P * P * C,), state["to_patch_embedding.1.weight"], state["to_patch_embedding.1.bias"]
+    )
+    x = F.linear(x, state["to_patch_embedding.2.weight"], state["to_patch_embedding.2.bias"])
+    x = F.layer_norm(x, (dim,), state["to_patch_embedding.3.weight"], state["to_patch_embedding.3.bias"])
+    x = torch.cat([state["cls_token"].expand(B, 1, dim), x], dim=1)
+    x = x + state["pos_embedding"][:, : x.shape[1]]
+    layer = 0
+    while f"transformer.layers.{layer}.0.fn.qkv.weight" in state:
+        key = f"transformer.layers.{layer}."
+        y = F.layer_norm(x, (dim,), state[key + "0.norm.weight"], state[key + "0.norm.bias"], eps=1e-5)
+        w = F.linear(y, state[key + "0.fn.qkv.weight"])
+        w = w.reshape(B, x.shape[1], heads, -1).permute(0, 2, 1, 3)  # (B, K, N, p)
+        o = F.scaled_dot_product_attention(w, w, w).permute(0, 2, 1, 3).reshape(B, x.shape[1], -1)
+        if key + "0.fn.to_out.0.weight" in state:
+            o = F.linear(o, state[key + "0.fn.to_out.0.weight"], state[key + "0.fn.to_out.0.bias"])
+        x = x + o
+        u = F.layer_norm(x, (dim,), state[key + "1.norm.weight"], state[key + "1.norm.bias"], eps=1e-5)
+        D = state[key + "1.fn.weight"]
+        x = F.relu(u + eta * (F.linear(u, D.T) - F.linear(F.linear(u, D), D.T)) - eta * lam)
+        layer += 1
+    pooled = F.layer_norm(x[:, 0], (dim,), state["mlp_head.0.weight"], state["mlp_head.0.bias"], eps=1e-5)
+    return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
+
+
+@given(
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.sampled_from([(1, 2), (3, 1), (2, 3)]),
+    st.integers(1, 4),
+    st.sampled_from([(4, 4), (6, 4), (4, 8)]),
+    seeds(),
+)
+def test_official_reference_equals_independent_functional_implementation(
+    heads, head_dim, depth, patch_and_channels, num_classes, grid, seed
+):
+    """Logits agree within 1e-12·(1 + max|logits|) for random models with randomised LN affine.
+    d >= 4: LayerNorm over d <= 2 maps every token to nearly the same two values, hiding differences."""
+    assume(heads * head_dim >= 4)
+    patch_size, channels = patch_and_channels
+    H, W = grid[0] * patch_size // 2, grid[1] * patch_size // 2
+    H, W = max(H, patch_size), max(W, patch_size)
+    num_patches = (H // patch_size) * (W // patch_size)
+    generator = torch.Generator().manual_seed(seed)
+    state = reference.random_official_state_dict(
+        dim=heads * head_dim,
+        depth=depth,
+        heads=heads,
+        head_dim=head_dim,
+        patch_size=patch_size,
+        channels=channels,
+        num_patches=num_patches,
+        num_classes=num_classes,
+        generator=generator,
+    )
+    state = {
+        k: v + 0.3 * randn(v.shape, generator) if ".norm." in k or k.endswith("bias") else v
+        for k, v in state.items()
+    }
+    model = reference.OfficialCRATE.from_state_dict(
+        state, heads=heads, patch_size=patch_size, channels=channels
+    )
+    images = randn((2, channels, H, W), generator)
+    with torch.no_grad():
+        expected = _functional_crate(state, images, heads, patch_size)
+        actual = model(images)
+    assert_close(actual, expected, 1e-12 * (1 + max_abs(expected)), "OfficialCRATE vs functional")
+
+
+# math.md §7 -------------------------------------------------------------------------------------
+def _official_tool_compression(W: torch.Tensor) -> torch.Tensor:
+    """The official measurement: head-tokens W (B, K, N, p) ℓ2-normalised, then
+    Σ_k ½logdet(I_N + p/(N·0.01)·Ŵ_kŴ_kᵀ) on the token side."""
+    N, p = W.shape[-2:]
+    normalised = W / W.norm(dim=-1, keepdim=True)
+    eye = torch.eye(N, dtype=W.dtype)
+    return 0.5 * torch.linalg.slogdet(eye + p / (N * 0.01) * normalised @ normalised.transpose(-1, -2))[
+        1
+    ].sum(-1)
+
+
+@given(head_problems(scales=(1e-1, 10.0)))
+def test_normalised_compression_rate_equals_official_measurement(problem):
+    """compression_rate(..., eps=0.1, normalize=True) = the official tool's number, 1e-12 relative."""
+    W = torch.einsum("bnd,kdp->bknp", problem.Z, problem.U)
+    expected = _official_tool_compression(W)
+    actual = reference.compression_rate(problem.Z, problem.U, 0.1, normalize=True)
+    assert_close(actual, expected, 1e-12 * (1 + max_abs(expected)), "normalised R^c vs official tool")
