@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test verify demo lint clean
+.PHONY: setup test verify mutations demo lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ test: setup
 
 verify: setup
 	$(PY) -m pytest -q verification
+
+mutations: setup
+	$(PY) -m verification.mutations
 
 demo: setup
 	$(PY) -m crate.demo

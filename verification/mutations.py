@@ -1,0 +1,198 @@
+"""Every test can fail: break the implementation on purpose, once per mutation, and see which test
+catches it.
+
+    python -m verification.mutations          # all mutations (a few minutes on 2 cores)
+    python -m verification.mutations -k ista  # those whose name contains "ista"
+
+Each mutation is applied to a copy of the tree in a temporary folder (this checkout is never
+modified); the suite runs there with the ci hypothesis profile and stops at the first failure. A
+mutation that no test catches is reported as MISSED and makes the exit status non-zero.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+
+
+MUTATIONS = [
+    Mutation(
+        "logdet constant",
+        "reference/objective.py",
+        "torch.linalg.cholesky(eye + a * gram)",
+        "torch.linalg.cholesky(eye + 2 * a * gram)",
+    ),
+    Mutation(
+        "coding rate uses eps, not eps²",
+        "reference/objective.py",
+        "dim / (n_tokens * eps**2)",
+        "dim / (n_tokens * eps)",
+    ),
+    Mutation(
+        "compression gamma counts features, not tokens",
+        "reference/objective.py",
+        "n_tokens, p = Z.shape[-2], U.shape[-1]",
+        "n_tokens, p = Z.shape[-1], U.shape[-1]",
+    ),
+    Mutation(
+        "head-token normalisation on the token axis",
+        "reference/objective.py",
+        "normalize(Y, dim=-2)",
+        "normalize(Y, dim=-1)",
+    ),
+    Mutation(
+        "Taylor polynomial constant",
+        "reference/objective.py",
+        "gamma**2 / 4 * trace_A2",
+        "gamma**2 / 2 * trace_A2",
+    ),
+    Mutation(
+        "energy softmax over queries",
+        "reference/objective.py",
+        "torch.logsumexp(logits, dim=-2)",
+        "torch.logsumexp(logits, dim=-1)",
+    ),
+    Mutation(
+        "surrogate sign",
+        "reference/objective.py",
+        "gamma / 2 * quadratic - gamma**2",
+        "gamma / 2 * quadratic + gamma**2",
+    ),
+    Mutation(
+        "LASSO with transposed dictionary",
+        "reference/objective.py",
+        "_columns(X) - D @ _columns(A)",
+        "_columns(X) - D.T @ _columns(A)",
+    ),
+    Mutation(
+        "compression step ascends",
+        "reference/steps.py",
+        "return Z - kappa * compression_gradient",
+        "return Z + kappa * compression_gradient",
+    ),
+    Mutation(
+        "soft threshold sign",
+        "reference/steps.py",
+        "torch.clamp_min(v - t, 0.0)",
+        "torch.clamp_min(v + t, 0.0)",
+    ),
+    Mutation(
+        "ISTA uses D = Wᵀ",
+        "reference/official.py",
+        "(u - u @ self.weight.T) @ self.weight",
+        "(u - u @ self.weight) @ self.weight.T",
+    ),
+    Mutation(
+        "ISTA threshold λ off by 1%",
+        "reference/official.py",
+        "- self.eta * self.lam)",
+        "- self.eta * self.lam * 1.01)",
+    ),
+    Mutation(
+        "attention softmax over queries",
+        "reference/official.py",
+        "w.transpose(-1, -2), dim=-1)",
+        "w.transpose(-1, -2), dim=-2)",
+    ),
+    Mutation(
+        "attention temperature (p+1)^-½",
+        "reference/official.py",
+        "self.scale = head_dim**-0.5",
+        "self.scale = (head_dim + 1) ** -0.5",
+    ),
+    Mutation(
+        "missing MSSA residual",
+        "reference/official.py",
+        "z_half = self.rho * x + mssa(x)",
+        "z_half = mssa(x)",
+    ),
+    Mutation("LayerNorm eps 1e-6", "reference/official.py", "LAYERNORM_EPS = 1e-5", "LAYERNORM_EPS = 1e-6"),
+    Mutation("pool the last token", "reference/official.py", "else x[:, 0]", "else x[:, -1]"),
+    Mutation(
+        "patch flattened (channel, row, column)",
+        "reference/official.py",
+        "grid.permute(0, 2, 4, 3, 5, 1)",
+        "grid.permute(0, 2, 4, 1, 3, 5)",
+    ),
+    Mutation(
+        "heads split interleaved",
+        "reference/official.py",
+        "self.qkv(y).unflatten(-1, (self.heads, -1))",
+        "self.qkv(y).unflatten(-1, (-1, self.heads)).transpose(-1, -2)",
+    ),
+    Mutation(
+        "subspaces transposed",
+        "reference/official.py",
+        "unflatten(0, (self.heads, -1)).transpose(-2, -1)",
+        "T.unflatten(-1, (self.heads, -1)).permute(2, 0, 1)",
+    ),
+    Mutation(
+        "symbolic logdet constant",
+        "reference/symbolic.py",
+        "(sp.eye(Y.shape[1]) + a * Y.T * Y).det()) / 2",
+        "(sp.eye(Y.shape[1]) + a * Y.T * Y).det()) / 3",
+    ),
+    Mutation(
+        "symbolic prox branch",
+        "reference/symbolic.py",
+        "(stationary, stationary >= 0)",
+        "(stationary, stationary >= 1)",
+    ),
+]
+
+
+def run(mutation: Mutation) -> str:
+    """'caught by <test>' or 'MISSED'."""
+    with tempfile.TemporaryDirectory() as folder:
+        tree = Path(folder) / "tree"
+        shutil.copytree(
+            ROOT, tree, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".hypothesis")
+        )
+        target = tree / mutation.path
+        source = target.read_text()
+        if source.count(mutation.old) != 1:
+            raise RuntimeError(f"{mutation.name}: {mutation.old!r} must occur once in {mutation.path}")
+        target.write_text(source.replace(mutation.old, mutation.new))
+        environment = dict(os.environ, CI="1", PYTHONPATH=str(tree))
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests", "verification"],
+            cwd=tree,
+            env=environment,
+            capture_output=True,
+            text=True,
+        )
+    if result.returncode == 0:
+        return "MISSED"
+    failed = [line.split(" ")[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+    return f"caught by {failed[0] if failed else result.stdout.strip().splitlines()[-1]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Break the implementation on purpose; check a test fails.")
+    parser.add_argument("-k", default="", help="only the mutations whose name contains this text")
+    args = parser.parse_args()
+    missed = 0
+    for mutation in MUTATIONS:
+        if args.k.lower() not in mutation.name.lower():
+            continue
+        outcome = run(mutation)
+        missed += outcome == "MISSED"
+        print(f"{mutation.name:50s} {outcome}", flush=True)
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
