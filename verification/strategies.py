@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from hypothesis import note
+from hypothesis import note, settings
 from hypothesis import strategies as st
 
 import reference
@@ -132,30 +132,48 @@ class OfficialProblem:
     depth: int
     seed: int
     scale: float
+    peaky: bool = False  # W_qkv × 4: attention rows close to one-hot (math.md A5)
+
+    patch_size = 2
+    channels = 1
+    num_patches = 4
+    num_classes = 3
 
     @property
     def dim(self) -> int:
         return self.heads * self.head_dim
 
     def model(self, rho: float = 1.0) -> reference.OfficialCRATE:
+        return reference.OfficialCRATE.from_state_dict(
+            self.state_dict(), heads=self.heads, patch_size=self.patch_size, channels=self.channels, rho=rho
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """float64, official key names."""
         generator = torch.Generator().manual_seed(self.seed)
         state = reference.random_official_state_dict(
             dim=self.dim,
             depth=self.depth,
             heads=self.heads,
             head_dim=self.head_dim,
-            patch_size=2,
-            channels=1,
-            num_patches=4,
-            num_classes=3,
+            patch_size=self.patch_size,
+            channels=self.channels,
+            num_patches=self.num_patches,
+            num_classes=self.num_classes,
             generator=generator,
         )
         for key in state:
             if ".norm." in key or key.endswith("bias"):
                 state[key] = state[key] + 0.3 * randn(state[key].shape, generator)
-        return reference.OfficialCRATE.from_state_dict(
-            state, heads=self.heads, patch_size=2, channels=1, rho=rho
-        )
+            if self.peaky and key.endswith("qkv.weight"):
+                state[key] = 4 * state[key]
+        return state
+
+    @property
+    def images(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + 2)
+        side = self.patch_size * int(self.num_patches**0.5)
+        return randn((self.batch, self.channels, side, side), generator)
 
     @property
     def X(self) -> torch.Tensor:
@@ -165,7 +183,7 @@ class OfficialProblem:
 
 @st.composite
 def official_problems(
-    draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3
+    draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3, peaky: bool = False
 ) -> OfficialProblem:
     problem = OfficialProblem(
         batch=draw(st.integers(1, 2)),
@@ -175,6 +193,12 @@ def official_problems(
         depth=draw(st.integers(1, max_depth)),
         seed=draw(seeds()),
         scale=draw(log_uniform(1e-1, 10.0)),
+        peaky=draw(st.booleans()) if peaky else False,
     )
     note(str(problem))
     return problem
+
+
+def scaled_settings(fraction: float) -> settings:
+    """The loaded profile with a fraction of its examples, for properties that build whole models."""
+    return settings(max_examples=max(5, int(settings.default.max_examples * fraction)))

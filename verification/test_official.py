@@ -4,45 +4,13 @@ F.scaled_dot_product_attention, every other step by torch.nn.functional (math.md
 3.6e-15). Also the measurement convention of the official tool (math.md §7)."""
 
 import torch
-import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import reference
+from verification import plain
 from verification.asserts import assert_close, max_abs
 from verification.strategies import head_problems, randn, seeds
-
-
-def _functional_crate(state: dict, images: torch.Tensor, heads: int, patch_size: int, eta=0.1, lam=0.1):
-    """Logits of the official CRATE classifier, written independently of reference/official.py."""
-    B, C = images.shape[:2]
-    P = patch_size
-    columns = F.unfold(images, kernel_size=P, stride=P)  # (B, C·P·P, L), ordered (c, p1, p2)
-    x = columns.unflatten(1, (C, P, P)).permute(0, 4, 2, 3, 1).flatten(2)  # (B, L, P·P·C), (p1, p2, c)
-    dim = state["cls_token"].shape[-1]
-    x = F.layer_norm(
-        x, (P * P * C,), state["to_patch_embedding.1.weight"], state["to_patch_embedding.1.bias"]
-    )
-    x = F.linear(x, state["to_patch_embedding.2.weight"], state["to_patch_embedding.2.bias"])
-    x = F.layer_norm(x, (dim,), state["to_patch_embedding.3.weight"], state["to_patch_embedding.3.bias"])
-    x = torch.cat([state["cls_token"].expand(B, 1, dim), x], dim=1)
-    x = x + state["pos_embedding"][:, : x.shape[1]]
-    layer = 0
-    while f"transformer.layers.{layer}.0.fn.qkv.weight" in state:
-        key = f"transformer.layers.{layer}."
-        y = F.layer_norm(x, (dim,), state[key + "0.norm.weight"], state[key + "0.norm.bias"], eps=1e-5)
-        w = F.linear(y, state[key + "0.fn.qkv.weight"])
-        w = w.reshape(B, x.shape[1], heads, -1).permute(0, 2, 1, 3)  # (B, K, N, p)
-        o = F.scaled_dot_product_attention(w, w, w).permute(0, 2, 1, 3).reshape(B, x.shape[1], -1)
-        if key + "0.fn.to_out.0.weight" in state:
-            o = F.linear(o, state[key + "0.fn.to_out.0.weight"], state[key + "0.fn.to_out.0.bias"])
-        x = x + o
-        u = F.layer_norm(x, (dim,), state[key + "1.norm.weight"], state[key + "1.norm.bias"], eps=1e-5)
-        D = state[key + "1.fn.weight"]
-        x = F.relu(u + eta * (F.linear(u, D.T) - F.linear(F.linear(u, D), D.T)) - eta * lam)
-        layer += 1
-    pooled = F.layer_norm(x[:, 0], (dim,), state["mlp_head.0.weight"], state["mlp_head.0.bias"], eps=1e-5)
-    return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
 
 
 @given(
@@ -85,7 +53,7 @@ def test_official_reference_equals_independent_functional_implementation(
     )
     images = randn((2, channels, H, W), generator)
     with torch.no_grad():
-        expected = _functional_crate(state, images, heads, patch_size)
+        expected = plain.logits(state, images, heads, patch_size, attention="sdpa")
         actual = model(images)
     assert_close(actual, expected, 1e-12 * (1 + max_abs(expected)), "OfficialCRATE vs functional")
 

@@ -1,0 +1,493 @@
+"""CRATE, the fast model: white-box transformer via sparse rate reduction (Yu et al., NeurIPS 2023).
+
+Exactly the released classifier (official code Ma-Lab-Berkeley/CRATE `model/crate.py`; the spec is
+../shared/spec/official-architecture.md and math.md §5), written for speed: fused attention, the
+one-matmul ISTA step, bf16 autocast, torch.compile. verification/test_fast_model.py proves it equal to
+the float64 `reference.OfficialCRATE`, layer by layer, forward and backward.
+
+Layout, as timm's vision_transformer.py: blocks (patch embedding, MSSA, ISTA, layer), config, model
+with timm's method contract, official-checkpoint conversion, default cfgs, registry entries.
+Tokens are (B, N, d) throughout, N = patches + 1 (cls first).
+"""
+
+import math
+import re
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+LAYERNORM_EPS = 1e-5  # the official model's (PyTorch's default)
+
+
+class PatchEmbed(nn.Module):
+    """Patches flattened (row in patch, column in patch, channel), then LayerNorm → Linear → LayerNorm."""
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        patch_dim = patch_size * patch_size * in_chans
+        self.norm_in = nn.LayerNorm(patch_dim, eps=LAYERNORM_EPS)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm_out = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = images.shape
+        P = self.patch_size
+        grid = images.reshape(B, C, H // P, P, W // P, P)  # (B, C, h, p1, w, p2)
+        patches = grid.permute(0, 2, 4, 3, 5, 1).reshape(B, self.num_patches, P * P * C)  # (B, n, p1·p2·c)
+        return self.norm_out(self.proj(self.norm_in(patches)))  # (B, n, d)
+
+
+class MSSA(nn.Module):
+    """Multi-head subspace self-attention: query = key = value = y·U_k per head (math.md §5).
+
+    ``fused_attn`` uses F.scaled_dot_product_attention when no gradient flows through the attention
+    (inference); under autograd it takes the explicit matmul-softmax path, which states the math and
+    is the in-model oracle. Why: PyTorch's CPU SDPA backward recomputes the attention from a saved
+    log-sum-exp, and with peaky attention its float32 gradients were 5–10× less accurate than the
+    explicit path's (verification/precision.py; math.md §8 rule violated), for a 13% faster step.
+    ``proj`` is W_out with bias (absent when one head spans the whole width, as officially).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, proj_drop: float = 0.0, fused_attn: bool = True):
+        super().__init__()
+        self.heads, self.head_dim, self.scale = heads, head_dim, head_dim**-0.5
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, heads * head_dim, bias=False)  # rows k·p..(k+1)·p−1 are U_kᵀ
+        self.proj = nn.Identity() if heads == 1 and head_dim == dim else nn.Linear(heads * head_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, N, _ = y.shape
+        return self.qkv(y).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, K, N, p)
+
+    def attention(self, y: torch.Tensor) -> torch.Tensor:
+        """softmax_row(s·w_k w_kᵀ) per head: (B, K, N, N), each row sums to 1."""
+        w = self._heads(y)
+        return ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        w = self._heads(y)
+        if self.fused_attn and not (torch.is_grad_enabled() and w.requires_grad):
+            o = F.scaled_dot_product_attention(w, w, w)  # default scale p^{-½}
+        else:
+            o = ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ w
+        o = o.transpose(1, 2).flatten(2)  # (B, N, K·p)
+        return self.proj_drop(self.proj(o))
+
+
+class ISTA(nn.Module):
+    """One non-negative ISTA step with dictionary D = weight (math.md §4):
+    ReLU(u + η(uW − uWᵀW) − ηλ) = ReLU(u + u·M − ηλ), M = η(W − WᵀW).
+
+    One token matmul instead of three; M costs d³ per call, repaid whenever a call sees more than
+    about d/2 tokens. The residual u stays outside the product, which keeps bf16 accurate.
+    """
+
+    def __init__(self, dim: int, eta: float = 0.1, lam: float = 0.1):
+        super().__init__()
+        self.eta, self.lam = eta, lam
+        self.weight = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.weight)  # the official init: U(±√(6/d))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        W = self.weight
+        M = self.eta * (W - W.T @ W)  # (d, d)
+        return F.relu(u + u @ M - self.eta * self.lam)
+
+
+class Block(nn.Module):
+    """One CRATE layer: compression Z^{ℓ+½} = Z^ℓ + MSSA(LN₁(Z^ℓ)), then sparsification
+    Z^{ℓ+1} = ISTA(LN₂(Z^{ℓ+½})). ISTA has no residual, so drop-path acts on the MSSA branch only."""
+
+    def __init__(self, dim, heads, head_dim, eta, lam, proj_drop=0.0, drop_path=0.0, fused_attn=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.attn = MSSA(dim, heads, head_dim, proj_drop, fused_attn)
+        self.drop_path = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.ista = ISTA(dim, eta, lam)
+
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.attn(self.norm1(x)))  # the residual adds x, not LN₁(x)
+
+    def sparsify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.ista(self.norm2(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sparsify(self.compress(x))
+
+
+class LayerStates(NamedTuple):
+    """One layer's stream, token-major (B, N, d); attention (B, K, N, N) when asked for."""
+
+    input: torch.Tensor  # Z^ℓ
+    mssa: torch.Tensor  # Z^{ℓ+½}
+    ista: torch.Tensor  # Z^{ℓ+1}
+    attention: torch.Tensor | None = None
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth on a residual branch (per sample), as timm's DropPath."""
+
+    def __init__(self, probability: float):
+        super().__init__()
+        self.probability = probability
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1 - self.probability
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+@dataclass(frozen=True)
+class CRATEConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000  # 0: no classifier, forward returns the pooled features
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6  # head dim = dim / heads, as in every released model
+    eta: float = 0.1  # ISTA step size η (a constant, not a parameter)
+    lam: float = 0.1  # ISTA threshold weight λ
+    pool: str = "cls"  # "cls" (official) or "mean" over all tokens, cls included
+    drop_rate: float = 0.0  # dropout after the position embedding, after W_out and before the head
+    drop_path_rate: float = 0.0  # stochastic depth of the MSSA branch, linear in depth
+    fused_attn: bool = True  # SDPA for inference (explicit under autograd, see MSSA); False: explicit
+
+    def __post_init__(self):
+        size = _pair(self.img_size)
+        problems = []
+        if self.dim % self.heads:
+            problems.append(f"dim={self.dim} is not divisible by heads={self.heads}")
+        if size[0] % self.patch_size or size[1] % self.patch_size:
+            problems.append(f"img_size={size[0]}×{size[1]} is not divisible by patch_size={self.patch_size}")
+        if self.pool not in ("cls", "mean"):
+            problems.append(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if min(self.dim, self.depth, self.heads, self.patch_size, self.in_chans) < 1 or self.num_classes < 0:
+            problems.append("dim, depth, heads, patch_size and in_chans must be >= 1, num_classes >= 0")
+        if problems:
+            raise ValueError("invalid CRATE configuration: " + "; ".join(problems))
+
+
+_TIMM_NAMES = {"embed_dim": "dim", "num_heads": "heads", "global_pool": "pool"}
+_TIMM_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _config_from(config: CRATEConfig | None, kwargs: dict) -> CRATEConfig:
+    """CRATEConfig with overrides, accepting timm's argument names (embed_dim, num_heads, global_pool)."""
+    overrides = {_TIMM_NAMES.get(key, key): value for key, value in kwargs.items()}
+    unknown = set(overrides) - {f.name for f in fields(CRATEConfig)}
+    if unknown:
+        raise TypeError(f"CRATE got unexpected arguments {sorted(unknown)}")
+    if "pool" in overrides:
+        if overrides["pool"] not in _TIMM_POOLS:
+            raise ValueError(f"global_pool must be one of {sorted(_TIMM_POOLS)}, got {overrides['pool']!r}")
+        overrides["pool"] = _TIMM_POOLS[overrides["pool"]]
+    return replace(config or CRATEConfig(), **overrides)
+
+
+class CRATE(nn.Module):
+    """CRATE classifier with timm's model contract (forward_features, forward_head, forward_intermediates,
+    ...). Build it from a CRATEConfig and/or keyword overrides, or with timm.create_model."""
+
+    def __init__(self, config: CRATEConfig | None = None, **kwargs):
+        super().__init__()
+        config = self.config = _config_from(config, kwargs)
+        dim, head_dim = config.dim, config.dim // config.heads
+        self.num_classes, self.global_pool = config.num_classes, config.pool
+        self.num_features = self.head_hidden_size = self.embed_dim = dim
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(_pair(config.img_size), config.patch_size, config.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))  # standard normal, as the official init
+        self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim))
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    dim,
+                    config.heads,
+                    head_dim,
+                    config.eta,
+                    config.lam,
+                    config.drop_rate,
+                    p,
+                    config.fused_attn,
+                )
+                for p in drop_paths
+            ]
+        )
+        self.fc_norm = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.head_drop = nn.Dropout(config.drop_rate)
+        self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=dim, reduction=config.patch_size) for i in range(config.depth)
+        ]
+
+    # -- input ---------------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            got = getattr(images, "dtype", type(images).__name__)
+            raise TypeError(
+                f"CRATE expects floating-point images, got {got}; convert with .float() (and normalise) first"
+            )
+        expected = (self.patch_embed.in_chans, *self.patch_embed.img_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"CRATE expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                f"got {tuple(images.shape)}; build the model with in_chans/img_size to match "
+                "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
+            )
+
+    # -- features ------------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, d): the stream entering the first layer."""
+        self._check_images(images)
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.pos_drop(x)
+
+    def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return x  # (B, N, d), the last ISTA output
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.global_pool == "cls" else x.mean(dim=1)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_layer_states: bool = False,
+        return_attention: bool = False,
+    ):
+        """timm's contract: the final features and per-layer outputs (the ISTA outputs), NCHW or NLC.
+
+        With ``return_layer_states=True`` each intermediate is instead a LayerStates tuple of
+        token-major (B, N, d) tensors: the layer's input, the stream after MSSA and after ISTA, and
+        with ``return_attention=True`` the attention maps (B, K, N, N); output_fmt, norm and
+        return_prefix_tokens then do not apply.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        x = self.embed(images)
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            if return_layer_states:
+                attention = block.attn.attention(block.norm1(x)) if return_attention else None
+                z_half = block.compress(x)
+                state = LayerStates(x, z_half, block.sparsify(z_half), attention)
+                x = state.ista
+            else:
+                x = self._run_block(block, x)
+                state = self.fc_norm(x) if norm else x
+            if i in take:
+                intermediates.append(state)
+        if not return_layer_states:
+            intermediates = self._format(intermediates, images, output_fmt, return_prefix_tokens)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def _format(self, outputs: list, images: torch.Tensor, output_fmt: str, return_prefix_tokens: bool):
+        prefix = [y[:, : self.num_prefix_tokens] for y in outputs]
+        spatial = [y[:, self.num_prefix_tokens :] for y in outputs]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.grid_size
+            spatial = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
+        return list(zip(spatial, prefix, strict=True)) if return_prefix_tokens else spatial
+
+    def prune_intermediate_layers(
+        self, indices=1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        if prune_norm:
+            self.fc_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    # -- timm's model contract -----------------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = _config_from(None, {"pool": global_pool}).pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+def _take_indices(depth: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+    """timm's rule: None = every layer, an int n = the last n layers, a list = those (negative allowed)."""
+    if indices is None:
+        take = list(range(depth))
+    elif isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} must be between 1 and the depth {depth}")
+        take = list(range(depth - indices, depth))
+    else:
+        take = [i + depth if i < 0 else i for i in indices]
+        if any(not 0 <= i < depth for i in take):
+            raise ValueError(f"indices {list(indices)} out of range for depth {depth}")
+    return take, max(take)
+
+
+# -- official checkpoints ------------------------------------------------------------------------------
+_OFFICIAL_KEYS = [
+    (r"to_patch_embedding\.1\.(weight|bias)", r"patch_embed.norm_in.\1"),
+    (r"to_patch_embedding\.2\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"to_patch_embedding\.3\.(weight|bias)", r"patch_embed.norm_out.\1"),
+    (r"cls_token", r"cls_token"),
+    (r"pos_embedding", r"pos_embed"),
+    (r"transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.qkv\.weight", r"blocks.\1.attn.qkv.weight"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.weight", r"blocks.\1.ista.weight"),
+    (r"mlp_head\.0\.(weight|bias)", r"fc_norm.\1"),
+    (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
+]
+
+
+def convert_official_state_dict(state_dict: dict, model: CRATE | None = None) -> dict[str, torch.Tensor]:
+    """Official key names (Ma-Lab-Berkeley/CRATE) -> this model's; also timm's checkpoint filter.
+
+    Accepts a training checkpoint too (weights under 'state_dict' or 'model', DDP's 'module.' prefix).
+    A state dict already in this model's names passes through. With ``model``, the position embedding
+    is resampled (bicubic, cls token kept) when the checkpoint's patch grid differs from the model's.
+    """
+    for wrapper in ("state_dict", "model"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    if "pos_embedding" in state_dict:
+        state_dict = _rename_official(state_dict)
+    if model is not None and "pos_embed" in state_dict:
+        state_dict["pos_embed"] = _resample_position_embedding(state_dict["pos_embed"], model)
+    return state_dict
+
+
+def _rename_official(state_dict: dict) -> dict:
+    converted, unknown = {}, []
+    for key, value in state_dict.items():
+        for pattern, target in _OFFICIAL_KEYS:
+            if re.fullmatch(pattern, key):
+                converted[re.sub(pattern, target, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys not in the official CRATE layout: {unknown}")
+    return converted
+
+
+def _resample_position_embedding(pos_embed: torch.Tensor, model: CRATE) -> torch.Tensor:
+    grid = model.patch_embed.grid_size
+    if pos_embed.shape[1] == grid[0] * grid[1] + 1:
+        return pos_embed
+    from timm.layers import resample_abs_pos_embed
+
+    old = math.isqrt(pos_embed.shape[1] - 1)
+    if old * old != pos_embed.shape[1] - 1:
+        raise ValueError(
+            f"cannot resample a position embedding of {pos_embed.shape[1] - 1} patches: not a square grid"
+        )
+    return resample_abs_pos_embed(pos_embed, list(grid), [old, old], num_prefix_tokens=1)
+
+
+def load_official_state_dict(model: CRATE, state_dict: dict) -> None:
+    """Convert and load strictly: a missing, unexpected or mis-shaped key raises, naming the key."""
+    model.load_state_dict(convert_official_state_dict(state_dict, model), strict=True)
+
+
+# -- default cfgs and registry ---------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+# name: (patch, dim, depth, heads, input size, classes, mean, std)
+VARIANTS = {
+    "crate_tiny_patch16_224": (16, 384, 12, 6, (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "crate_small_patch16_224": (16, 576, 12, 12, (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "crate_base_patch16_224": (16, 768, 12, 12, (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "crate_large_patch16_224": (16, 1024, 24, 16, (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "crate_small_patch8_224": (8, 576, 12, 12, (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "crate_base_patch8_224": (8, 768, 12, 12, (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "crate_mini_patch4_28": (4, 128, 6, 4, (1, 28, 28), 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+}
+
+
+def variant_config(name: str, **overrides) -> CRATEConfig:
+    patch, dim, depth, heads, (channels, height, width), classes, _, _ = VARIANTS[name]
+    base = CRATEConfig(
+        img_size=(height, width),
+        patch_size=patch,
+        in_chans=channels,
+        num_classes=classes,
+        dim=dim,
+        depth=depth,
+        heads=heads,
+    )
+    return _config_from(base, overrides)
+
+
+def default_cfg(name: str) -> dict:
+    *_, input_size, classes, mean, std = VARIANTS[name]
+    return dict(
+        url="",
+        num_classes=classes,
+        input_size=input_size,
+        fixed_input_size=True,
+        pool_size=None,
+        crop_pct=0.875 if input_size[-1] == 224 else 1.0,
+        interpolation="bilinear",
+        mean=mean,
+        std=std,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="mit",
+        paper_ids="arXiv:2306.01129",
+        paper_name="White-Box Transformers via Sparse Rate Reduction",
+    )

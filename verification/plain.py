@@ -1,0 +1,72 @@
+"""A plain CRATE, written straight from a state dict with the official key names, in any dtype.
+
+Explicit matmul-softmax attention (or SDPA) and the official three-matmul ISTA, torch.nn.functional
+throughout. It is the *plain* implementation of the FlashAttention rule (math.md §8.2): the fast
+model's low-precision error is compared with the error this code makes in the same precision. In
+float64 with SDPA attention it is also an independent check of reference.OfficialCRATE.
+"""
+
+import torch
+import torch.nn.functional as F
+
+LN_EPS = 1e-5
+
+
+def _layer_norm(x: torch.Tensor, state: dict, key: str) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], state[key + ".weight"], state[key + ".bias"], eps=LN_EPS)
+
+
+def embed(state: dict, images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> the stream entering layer 0, patches by F.unfold."""
+    B, C = images.shape[:2]
+    P = patch_size
+    columns = F.unfold(images, kernel_size=P, stride=P)  # (B, C·P·P, L), ordered (c, p1, p2)
+    x = columns.unflatten(1, (C, P, P)).permute(0, 4, 2, 3, 1).flatten(2)  # (B, L, P·P·C), (p1, p2, c)
+    x = _layer_norm(x, state, "to_patch_embedding.1")
+    x = F.linear(x, state["to_patch_embedding.2.weight"], state["to_patch_embedding.2.bias"])
+    x = _layer_norm(x, state, "to_patch_embedding.3")
+    dim = x.shape[-1]
+    x = torch.cat([state["cls_token"].expand(B, 1, dim), x], dim=1)
+    return x + state["pos_embedding"][:, : x.shape[1]]
+
+
+def depth(state: dict) -> int:
+    layers = 0
+    while f"transformer.layers.{layers}.0.fn.qkv.weight" in state:
+        layers += 1
+    return layers
+
+
+def compress(
+    state: dict, layer: int, x: torch.Tensor, heads: int, attention: str = "explicit"
+) -> torch.Tensor:
+    """Z^{ℓ+½} = x + MSSA(LN₁(x))."""
+    key = f"transformer.layers.{layer}.0."
+    B, N, _ = x.shape
+    w = F.linear(_layer_norm(x, state, key + "norm"), state[key + "fn.qkv.weight"])
+    w = w.reshape(B, N, heads, -1).permute(0, 2, 1, 3)  # (B, K, N, p)
+    if attention == "sdpa":
+        o = F.scaled_dot_product_attention(w, w, w)
+    else:
+        o = torch.softmax(w @ w.transpose(-1, -2) * w.shape[-1] ** -0.5, dim=-1) @ w
+    o = o.permute(0, 2, 1, 3).reshape(B, N, -1)
+    if key + "fn.to_out.0.weight" in state:
+        o = F.linear(o, state[key + "fn.to_out.0.weight"], state[key + "fn.to_out.0.bias"])
+    return x + o
+
+
+def ista_preactivation(state: dict, layer: int, z: torch.Tensor, eta=0.1, lam=0.1) -> torch.Tensor:
+    """u + η(uW − uWᵀW) − ηλ with u = LN₂(z), the official three-matmul form (before the ReLU)."""
+    key = f"transformer.layers.{layer}.1."
+    u = _layer_norm(z, state, key + "norm")
+    W = state[key + "fn.weight"]
+    x1 = F.linear(u, W)  # u·Wᵀ
+    return u + eta * (F.linear(u, W.T) - F.linear(x1, W.T)) - eta * lam
+
+
+def logits(state: dict, images: torch.Tensor, heads: int, patch_size: int, attention: str = "explicit"):
+    x = embed(state, images, patch_size)
+    for layer in range(depth(state)):
+        x = F.relu(ista_preactivation(state, layer, compress(state, layer, x, heads, attention)))
+    pooled = _layer_norm(x[:, 0], state, "mlp_head.0")
+    return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
