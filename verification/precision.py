@@ -239,9 +239,7 @@ def main() -> None:
     print(
         f"CRATE-T layer (B=2, N=197, d=384, K=6, p=64) on {args.device}: max abs error vs float64 reference"
     )
-    print(
-        f"{'precision':>14} {'attention':>9} {'weights':>6} | {'z_half: fast / plain':>22} | {'layer out: fast / plain':>24} | grad x (fast / plain)"
-    )
+    print("precision | attention | weights | z_half fast/plain | out fast/plain | grad x fast/plain")
     for precision in precisions:
         for peaky in (False, True):
             problem = OfficialProblem(
@@ -256,10 +254,10 @@ def main() -> None:
                 half = errors(result.fast_half, result.plain_half, result.ref_half, u)
                 out = errors(result.fast_out, result.plain_out, result.ref_out, u)
                 grad = layer_gradients(problem.state_dict(), problem.X, **kwargs)["input"]
+                attention, weights = ("fused" if fused else "explicit"), ("peaky" if peaky else "soft")
                 print(
-                    f"{precision:>14} {'fused' if fused else 'explicit':>9} {'peaky' if peaky else 'soft':>6} | "
-                    f"{half.fast:.2e} / {half.plain:.2e} | {out.fast:.2e} / {out.plain:.2e}     | "
-                    f"{grad.fast:.2e} / {grad.plain:.2e}"
+                    f"{precision} | {attention} | {weights} | {half.fast:.2e} / {half.plain:.2e} | "
+                    f"{out.fast:.2e} / {out.plain:.2e} | {grad.fast:.2e} / {grad.plain:.2e}"
                 )
 
 
