@@ -217,7 +217,7 @@ class CRATE(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))  # standard normal, as the official init
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
-        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        drop_paths = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.Sequential(
             *[
                 Block(
