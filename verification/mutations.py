@@ -3,6 +3,7 @@ catches it.
 
     python -m verification.mutations          # all mutations (a few minutes on 2 cores)
     python -m verification.mutations -k ista  # those whose name contains "ista"
+    python -m verification.mutations verification  # caught by verification/ alone?
 
 Each mutation is applied to a copy of the tree in a temporary folder (this checkout is never
 modified); the suite runs there with the ci hypothesis profile and stops at the first failure. A
@@ -216,7 +217,7 @@ MUTATIONS = [
 ]
 
 
-def run(mutation: Mutation) -> str:
+def run(mutation: Mutation, suites: list[str]) -> str:
     """'caught by <test>' or 'MISSED'."""
     with tempfile.TemporaryDirectory() as folder:
         tree = Path(folder) / "tree"
@@ -230,7 +231,7 @@ def run(mutation: Mutation) -> str:
         target.write_text(source.replace(mutation.old, mutation.new))
         environment = dict(os.environ, CI="1", PYTHONPATH=str(tree))
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests", "verification"],
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *suites],
             cwd=tree,
             env=environment,
             capture_output=True,
@@ -245,12 +246,13 @@ def run(mutation: Mutation) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Break the implementation on purpose; check a test fails.")
     parser.add_argument("-k", default="", help="only the mutations whose name contains this text")
+    parser.add_argument("suites", nargs="*", default=["tests", "verification"], help="test folders to run")
     args = parser.parse_args()
     missed = 0
     for mutation in MUTATIONS:
         if args.k.lower() not in mutation.name.lower():
             continue
-        outcome = run(mutation)
+        outcome = run(mutation, args.suites)
         missed += outcome == "MISSED"
         print(f"{mutation.name:50s} {outcome}", flush=True)
     sys.exit(1 if missed else 0)

@@ -247,7 +247,12 @@ def main() -> None:
             )
             for fused in (True, False):
                 kwargs = dict(
-                    heads=6, patch_size=2, channels=1, precision=precision, fused=fused, device=args.device
+                    heads=6,
+                    patch_size=2,
+                    channels=problem.channels,
+                    precision=precision,
+                    fused=fused,
+                    device=args.device,
                 )
                 (result,) = layer_results(problem.state_dict(), problem.X, **kwargs)
                 u = PRECISIONS[precision][2]

@@ -135,7 +135,7 @@ class OfficialProblem:
     peaky: bool = False  # W_qkv × 4: attention rows close to one-hot (math.md A5)
 
     patch_size = 2
-    channels = 1
+    channels = 2  # more than one, or a patch flattened (channel, row, column) would go unnoticed
     num_patches = 4
     num_classes = 3
 

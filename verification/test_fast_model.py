@@ -174,7 +174,7 @@ def test_fast_model_logits_follow_precision_rule(precision, device, fused):
     problem = OfficialProblem(batch=2, tokens=5, heads=4, head_dim=16, depth=4, seed=3, scale=1.0)
     dtype, _, u = PRECISIONS[precision]
     low = {key: value.to(dtype) for key, value in problem.state_dict().items()}
-    ref_model = reference.OfficialCRATE.from_state_dict(low, heads=4, patch_size=2, channels=1)
+    ref_model = reference.OfficialCRATE.from_state_dict(low, heads=4, patch_size=2, channels=problem.channels)
     model = _fast(problem, low, dtype, fused, device)
     images = problem.images.to(dtype)
     device_state = {key: value.to(device) for key, value in low.items()}
