@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test verify mutations demo lint clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data test verify mutations demo lint clean
 
 setup: $(STAMP)
 
@@ -15,7 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import crate, reference, torch, hypothesis, sympy"
 	touch $(STAMP)
 
-test: setup
+# Fashion-MNIST from the Debian package, where apt and root are available; elsewhere the data tests
+# fail with a message saying how to get it (or set CRATE_FASHION_MNIST to a folder with the IDX files).
+data:
+	@if [ -z "$$CRATE_FASHION_MNIST" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ] \
+		&& [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte ]; then \
+		if command -v apt-get > /dev/null && [ "$$(id -u)" = 0 ]; then \
+			echo "installing dataset-fashion-mnist"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist > /dev/null; \
+		else \
+			echo "Fashion-MNIST missing: install the Debian package dataset-fashion-mnist or set CRATE_FASHION_MNIST"; \
+		fi; \
+	fi
+
+test: setup data
 	$(PY) -m pytest -q tests verification
 
 verify: setup
@@ -24,7 +39,7 @@ verify: setup
 mutations: setup
 	$(PY) -m verification.mutations
 
-demo: setup
+demo: setup data
 	$(PY) -m crate.demo
 
 lint: setup

@@ -9,7 +9,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .model import CRATE, VARIANTS, convert_official_state_dict, default_cfg, variant_config
 
-default_cfgs = generate_default_cfgs({name: default_cfg(name) for name in VARIANTS})
+default_cfgs = generate_default_cfgs(
+    {name: default_cfg(name) for name in VARIANTS}
+    | {"vit_mini_patch4_28": default_cfg("crate_mini_patch4_28")}
+)
 
 
 def _create_crate(variant: str, pretrained: bool = False, **kwargs) -> CRATE:
@@ -64,3 +67,15 @@ def crate_base_patch8_224(pretrained: bool = False, **kwargs) -> CRATE:
 def crate_mini_patch4_28(pretrained: bool = False, **kwargs) -> CRATE:
     """A small CRATE for 28×28 grayscale images (Fashion-MNIST): d=128, 6 layers, 4 heads."""
     return _create_crate("crate_mini_patch4_28", pretrained, **kwargs)
+
+
+@register_model
+def vit_mini_patch4_28(pretrained: bool = False, **kwargs):
+    """timm's VisionTransformer with crate_mini_patch4_28's width, depth, heads and patches (MLP ratio
+    4): the black-box baseline of the Fashion-MNIST demo."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model_args = dict(
+        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4
+    )
+    return build_model_with_cfg(VisionTransformer, "vit_mini_patch4_28", pretrained, **(model_args | kwargs))

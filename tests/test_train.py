@@ -1,0 +1,235 @@
+"""Training on real data: Fashion-MNIST reading, learning, exact resume (also after a killed process),
+two gloo processes equal to one, configuration, metrics and data errors.
+
+These tests need the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist; `make test`
+installs it where it can). Without them they fail with the message saying how to get the data.
+"""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crate import checkpoint
+from crate.data import (
+    FashionMNIST,
+    ImageFolderSkippingCorrupt,
+    collate_skipping_none,
+    fashion_mnist_root,
+    read_idx,
+)
+from crate.train import TrainConfig, resolve_config, train
+
+# a fixed subset and a small model keep each run to seconds on 2 cores
+FAST = [
+    "--train-subset",
+    "1024",
+    "--eval-subset",
+    "512",
+    "--batch-size",
+    "64",
+    "--lr-batch",
+    "64",
+    "--telemetry-batch",
+    "8",
+    "--log-every",
+    "2",
+]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(tmp_path: Path, *extra: str) -> TrainConfig:
+    return resolve_config([*FAST, "--output", str(tmp_path), *extra])
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(checkpoint.latest(folder) / "model.safetensors")
+
+
+def _run(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)) | (env or {})
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env=environment,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+# -- data --------------------------------------------------------------------------------------------
+def test_fashion_mnist_is_read_from_the_debian_package_files():
+    train_set, test_set = FashionMNIST(split="train"), FashionMNIST(split="test")
+    assert len(train_set) == 60_000 and len(test_set) == 10_000
+    image, label = test_set[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and 0 <= label < 10
+    assert torch.bincount(train_set.targets).tolist() == [6000] * 10
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRATE_FASHION_MNIST", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}.*apt-get install dataset-fashion-mnist"):
+        fashion_mnist_root()
+
+
+def test_corrupt_idx_file_is_named(tmp_path):
+    source = fashion_mnist_root() / "t10k-labels-idx1-ubyte.gz"
+    truncated = tmp_path / "t10k-labels-idx1-ubyte"
+    truncated.write_bytes(gzip.decompress(source.read_bytes())[:-10])
+    with pytest.raises(ValueError, match=rf"{truncated} is truncated or corrupt"):
+        read_idx(truncated)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(garbage)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    dataset = FashionMNIST(split="test", augment=True, shift=2, seed=3)
+    first = dataset[5][0]
+    assert torch.equal(first, dataset[5][0])
+    dataset.set_epoch(1)
+    assert not torch.equal(first, dataset[5][0])
+
+
+def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (8, 8), color=(10, 20, 30)).save(tmp_path / label / "good.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    dataset = ImageFolderSkippingCorrupt(tmp_path)
+    batch = collate_skipping_none([dataset[i] for i in range(len(dataset))])
+    assert len(batch[1]) == 2
+    assert dataset.skipped == [str(tmp_path / "b" / "broken.png")]
+    assert "broken.png" in caplog.text
+
+
+def test_missing_imagenet_folder_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train is not a folder.*ImageFolder layout"):
+        train(
+            resolve_config(
+                [
+                    "--preset",
+                    "paper",
+                    "--model",
+                    "crate_mini_patch4_28",
+                    "--data",
+                    str(tmp_path),
+                    "--output",
+                    str(tmp_path / "run"),
+                ]
+            )
+        )
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def test_presets_and_overrides():
+    paper = resolve_config(["--preset", "paper", "--lr", "1e-3", "--no-amp"])
+    assert (paper.opt, paper.batch_size, paper.weight_decay, paper.epochs) == ("lion", 2048, 0.5, 150)
+    assert paper.lr == 1e-3 and paper.amp is False
+    deit = resolve_config(["--preset", "deit"])
+    assert deit.mixup == 0.8 and deit.auto_augment.startswith("rand") and deit.ema_decay > 0
+    with pytest.raises(SystemExit):
+        resolve_config(["--preset", "nope"])
+
+
+# -- learning ---------------------------------------------------------------------------------------
+def test_training_learns_fashion_mnist_far_above_chance(tmp_path):
+    config = resolve_config(
+        [
+            "--train-subset",
+            "4096",
+            "--eval-subset",
+            "1000",
+            "--epochs",
+            "3",
+            "--output",
+            str(tmp_path),
+            "--log-every",
+            "8",
+        ]
+    )
+    result = train(config)
+    assert result["top1"] > 60, result  # chance is 10%
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train_subset"] == 4096 and saved["model"] == "crate_mini_patch4_28"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "images_per_s"} <= records[0].keys()
+    evaluation = [r for r in records if "top1" in r]
+    assert len(evaluation) == 3 and {"top5", "eval_loss", "whitebox"} <= evaluation[-1].keys()
+    assert len(evaluation[-1]["whitebox"]) == 6 and "compression_in" in evaluation[-1]["whitebox"][0]
+
+
+# -- checkpoints and exact resume -------------------------------------------------------------------
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+    train(_config(tmp_path / "straight", "--max-steps", "6", "--checkpoint-every", "3"))
+    train(_config(tmp_path / "resumed", "--max-steps", "3", "--checkpoint-every", "3"))
+    train(_config(tmp_path / "resumed", "--max-steps", "6", "--checkpoint-every", "3", "--resume"))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    args = ["-m", "crate.train", *FAST, "--max-steps", "12", "--checkpoint-every", "2"]
+    reference_run = _run(*args, "--output", str(tmp_path / "straight"))
+    victim = _run(*args, "--output", str(tmp_path / "killed"))
+    latest = tmp_path / "killed" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= 4):
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint at step 4 within 300 s"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = int(latest.read_text().split("-")[1])
+    assert killed_at < 12
+    resumed = _run(*args, "--output", str(tmp_path / "killed"), "--resume")
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert reference_run.wait() == 0, reference_run.stdout.read()
+    straight, after_kill = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    for key in straight:
+        assert torch.equal(straight[key], after_kill[key]), key
+
+
+def test_resume_without_checkpoint_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        train(_config(tmp_path, "--max-steps", "1", "--resume"))
+
+
+# -- distributed -----------------------------------------------------------------------------------
+def test_two_gloo_processes_reach_the_parameters_of_one(tmp_path):
+    """torchrun with 2 CPU processes and the same global batch and seed as a single process."""
+    args = [*FAST, "--max-steps", "5", "--checkpoint-every", "5"]
+    single = _run("-m", "crate.train", *args, "--output", str(tmp_path / "one"))
+    assert single.wait() == 0, single.stdout.read()
+    pair = _run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "crate.train",
+        *args,
+        "--output",
+        str(tmp_path / "two"),
+    )
+    assert pair.wait() == 0, pair.stdout.read()
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    worst = max((one[key] - two[key]).abs().max().item() for key in one)
+    print(f"max parameter difference between 1 and 2 processes after 5 steps: {worst:.2e}")
+    assert worst < 1e-4  # float32 all-reduce rounding, amplified by Adam's normalisation
