@@ -1,35 +1,56 @@
-"""`make demo` (crate.demo): the per-layer table is printed and its numbers are the reference's."""
+"""`make demo` (crate.demo) and the white-box telemetry it prints (crate.whitebox)."""
+
+import json
 
 import torch
 
 import reference
-from crate import demo
+from crate import CRATE, CRATEConfig, demo, whitebox
+
+SMALL = CRATEConfig(img_size=8, patch_size=2, in_chans=1, num_classes=3, dim=8, depth=2, heads=2)
 
 
-def test_demo_prints_one_row_per_layer(capsys):
-    demo.main(["--depth", "3", "--dim", "16", "--heads", "2", "--batch", "4"])
+def test_demo_trains_and_prints_accuracy_and_the_layer_table(tmp_path, capsys):
+    demo.main(
+        [
+            "--output",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "512",
+            "--eval-subset",
+            "256",
+            "--telemetry-batch",
+            "8",
+        ]
+    )
     output = capsys.readouterr().out
-    rows = [line for line in output.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(row.split("|")[0]) for row in rows] == [0, 1, 2]
-    assert "R^c in" in output and "non-zero" in output
+    assert "crate_mini_patch4_28 on Fashion-MNIST (256 test images): top-1" in output
+    rows = [line for line in output.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+    assert [int(row.split("|")[0]) for row in rows] == list(range(6))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "crate_mini_patch4_28" and 0 <= summary["top1"] <= 100
 
 
 def test_layer_measurements_are_the_reference_functions_on_the_layer_activations():
-    sizes = dict(
-        dim=8, depth=2, heads=2, head_dim=4, patch_size=7, channels=1, num_patches=16, num_classes=10
-    )
-    state = reference.random_official_state_dict(**sizes, generator=torch.Generator().manual_seed(1))
-    model = reference.OfficialCRATE.from_state_dict(state, heads=2, patch_size=7, channels=1)
-    images = torch.randn(3, 1, 28, 28, dtype=torch.float64)
-    rows = demo.layer_measurements(model, images)
+    model = CRATE(SMALL).double().eval()
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    rows = whitebox.layer_measurements(model, images)
     with torch.no_grad():
         stream = model.embed(images)
-        mssa, ista = model.transformer.layers[0]
-        U = state["transformer.layers.0.0.fn.qkv.weight"].reshape(2, 4, 8).transpose(1, 2)
-        z_half = stream + mssa(stream)
-        expected_in = reference.compression_rate(mssa.norm(stream), U, 0.1, normalize=True)
-        expected_out = reference.compression_rate(mssa.norm(z_half), U, 0.1, normalize=True)
-        expected_nonzero = (ista(z_half) > 0).double().mean((-2, -1))
-    assert torch.equal(rows[0]["compression_in"], expected_in)
-    assert torch.equal(rows[0]["compression_out"], expected_out)
+        block = model.blocks[0]
+        U = block.attn.qkv.weight.reshape(2, 4, 8).transpose(1, 2)
+        z_half = stream + block.attn(block.norm1(stream))
+        expected_in = reference.compression_rate(block.norm1(stream), U, 0.1, normalize=True)
+        expected_out = reference.compression_rate(block.norm1(z_half), U, 0.1, normalize=True)
+        expected_nonzero = (block.ista(block.norm2(z_half)) > 0).double().mean((-2, -1))
+    torch.testing.assert_close(rows[0]["compression_in"], expected_in, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows[0]["compression_out"], expected_out, rtol=1e-12, atol=0)
     assert torch.equal(rows[0]["nonzero"], expected_nonzero)
+    summary = whitebox.summarize(rows)
+    assert (
+        summary[1]["compression_change"]["mean"]
+        == (rows[1]["compression_out"] - rows[1]["compression_in"]).mean()
+    )
+    assert "layer" in whitebox.format_table(summary)

@@ -104,12 +104,13 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
 
 def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
     from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
 
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
         Image.new("RGB", (8, 8), color=(10, 20, 30)).save(tmp_path / label / "good.png")
     (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
-    dataset = ImageFolderSkippingCorrupt(tmp_path)
+    dataset = ImageFolderSkippingCorrupt(tmp_path, transform=pil_to_tensor)
     batch = collate_skipping_none([dataset[i] for i in range(len(dataset))])
     assert len(batch[1]) == 2
     assert dataset.skipped == [str(tmp_path / "b" / "broken.png")]
@@ -213,7 +214,14 @@ def test_resume_without_checkpoint_is_explained(tmp_path):
 # -- distributed -----------------------------------------------------------------------------------
 def test_two_gloo_processes_reach_the_parameters_of_one(tmp_path):
     """torchrun with 2 CPU processes and the same global batch and seed as a single process."""
-    args = [*FAST, "--max-steps", "5", "--checkpoint-every", "5"]
+    args = [
+        *FAST,
+        "--max-steps",
+        "5",
+        "--checkpoint-every",
+        "5",
+        "--no-amp",
+    ]  # float32: a bf16 split rounds apart
     single = _run("-m", "crate.train", *args, "--output", str(tmp_path / "one"))
     assert single.wait() == 0, single.stdout.read()
     pair = _run(
@@ -232,4 +240,6 @@ def test_two_gloo_processes_reach_the_parameters_of_one(tmp_path):
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     worst = max((one[key] - two[key]).abs().max().item() for key in one)
     print(f"max parameter difference between 1 and 2 processes after 5 steps: {worst:.2e}")
-    assert worst < 1e-4  # float32 all-reduce rounding, amplified by Adam's normalisation
+    # float32: all-reduce sums in another order (a few ulps of O(1) parameters; measured 1.2e-7), with
+    # headroom for Adam's normalisation of small gradients; a wrong batch split or lr scaling is 1e-3 off
+    assert worst < 1e-5
