@@ -372,6 +372,7 @@ def train(config: TrainConfig) -> dict:
     )
     result = {}
     start_time = time.perf_counter()
+    skipped_images = 0
     while step < total_steps:
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, batch_in_epoch)
@@ -379,8 +380,10 @@ def train(config: TrainConfig) -> dict:
         model.train()
         tick, images_seen = time.perf_counter(), 0
         for micro_step, batch in enumerate(loader):
-            if batch is None:
+            if batch is None:  # every image of the micro-batch was unreadable
+                skipped_images += micro_batch
                 continue
+            skipped_images += micro_batch - len(batch[1])
             images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             if mixup:
                 images, targets = mixup(images, targets)
@@ -421,6 +424,10 @@ def train(config: TrainConfig) -> dict:
             ):
                 checkpoint.save(output, step, model, optimizer, ema, config.keep_checkpoints)
             if end_of_epoch or step == total_steps:
+                if skipped_images:
+                    log.warning(
+                        "%d unreadable training images skipped so far (paths logged above)", skipped_images
+                    )
                 result = _evaluate_and_report(
                     model,
                     ema,

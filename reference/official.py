@@ -68,10 +68,6 @@ class MSSA(nn.Module):
         identity_out = heads == 1 and head_dim == dim
         self.to_out = nn.Identity() if identity_out else nn.Sequential(_linear(heads * head_dim, dim))
 
-    def subspaces(self) -> torch.Tensor:
-        """U of shape (K, d, p): U_k = (rows k·p..(k+1)·p−1 of the qkv weight)ᵀ."""
-        return self.qkv.weight.unflatten(0, (self.heads, -1)).transpose(-2, -1)
-
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         w = self.qkv(y).unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (B, K, N, p): w_k = y·U_k
         attention = torch.softmax(self.scale * w @ w.transpose(-1, -2), dim=-1)  # (B, K, N, N), over keys

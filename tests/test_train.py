@@ -241,5 +241,5 @@ def test_two_gloo_processes_reach_the_parameters_of_one(tmp_path):
     worst = max((one[key] - two[key]).abs().max().item() for key in one)
     print(f"max parameter difference between 1 and 2 processes after 5 steps: {worst:.2e}")
     # float32: all-reduce sums in another order (a few ulps of O(1) parameters; measured 1.2e-7), with
-    # headroom for Adam's normalisation of small gradients; a wrong batch split or lr scaling is 1e-3 off
+    # headroom for Adam's normalisation of small gradients
     assert worst < 1e-5

@@ -135,12 +135,6 @@ MUTATIONS = [
         "self.qkv(y).unflatten(-1, (-1, self.heads)).transpose(-1, -2)",
     ),
     Mutation(
-        "subspaces transposed",
-        "reference/official.py",
-        "unflatten(0, (self.heads, -1)).transpose(-2, -1)",
-        "T.unflatten(-1, (self.heads, -1)).permute(2, 0, 1)",
-    ),
-    Mutation(
         "fast: attention softmax over queries",
         "crate/model.py",
         "* self.scale).softmax(dim=-1) @ w",
@@ -202,6 +196,12 @@ MUTATIONS = [
         'x = x[:, -1] if self.global_pool == "cls"',
     ),
     Mutation("fast: no position embedding", "crate/model.py", "x], dim=1) + self.pos_embed", "x], dim=1)"),
+    Mutation(
+        "white-box subspaces interleaved",
+        "crate/whitebox.py",
+        "unflatten(0, (block.attn.heads, -1)).transpose(-2, -1)",
+        "unflatten(0, (-1, block.attn.heads)).permute(1, 2, 0)",
+    ),
     Mutation(
         "symbolic logdet constant",
         "reference/symbolic.py",
