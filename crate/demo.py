@@ -7,7 +7,9 @@ step, sparsity after each ISTA step; crate.whitebox).
 """
 
 import argparse
+import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -19,27 +21,48 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="crate_mini_patch4_28")
     parser.add_argument("--output", default=None, help="run folder (default runs/demo-<model>)")
+    parser.add_argument("--retrain", action="store_true", help="train again even if the run is complete")
     args, overrides = parser.parse_known_args(argv)
-    output = args.output or f"runs/demo-{args.model}"
+    output = Path(args.output or f"runs/demo-{args.model}")
     config = resolve_config(
-        ["--preset", "fashion-mnist", "--model", args.model, "--output", output, *overrides]
+        ["--preset", "fashion-mnist", "--model", args.model, "--output", str(output), *overrides]
     )
-    start = time.perf_counter()
-    result = train(config)
-    wall = time.perf_counter() - start
+    summary = _completed_run(output, config)
+    if summary is None or args.retrain:
+        if output.exists():
+            shutil.rmtree(output)
+        start = time.perf_counter()
+        result = train(config)
+        summary = dict(
+            model=args.model, epochs=config.epochs, wall_s=time.perf_counter() - start, result=result
+        )
+        (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    else:
+        print(f"{output} holds a completed run with this configuration (--retrain to train again)")
+    _report(summary, output)
+    return summary["result"]
+
+
+def _completed_run(output: Path, config) -> dict | None:
+    try:
+        saved_config = json.loads((output / "config.json").read_text())
+        summary = json.loads((output / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if saved_config == dataclasses.asdict(config) else None
+
+
+def _report(summary: dict, output: Path) -> None:
+    result = summary["result"]
     print(
-        f"\n{args.model} on Fashion-MNIST ({result['eval_images']} test images): "
-        f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, {config.epochs} epochs in {wall:.0f} s"
+        f"\n{summary['model']} on Fashion-MNIST ({result['eval_images']} test images): "
+        f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+        f"{summary['epochs']} epochs, {summary['wall_s']:.0f} s wall time"
     )
     if "whitebox" in result:
         print("\nPer-layer white-box measurements on 64 test images (mean ± std over images):")
         print(whitebox.format_table(result["whitebox"]))
-    summary = dict(
-        model=args.model, top1=result["top1"], top5=result["top5"], wall_s=wall, epochs=config.epochs
-    )
-    Path(output, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nrun folder: {output} (config.json, metrics.jsonl, checkpoints, summary.json)")
-    return result
 
 
 if __name__ == "__main__":

@@ -30,7 +30,22 @@ def test_demo_trains_and_prints_accuracy_and_the_layer_table(tmp_path, capsys):
     rows = [line for line in output.splitlines() if line.strip()[:1].isdigit() and "|" in line]
     assert [int(row.split("|")[0]) for row in rows] == list(range(6))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["model"] == "crate_mini_patch4_28" and 0 <= summary["top1"] <= 100
+    assert summary["model"] == "crate_mini_patch4_28" and 0 <= summary["result"]["top1"] <= 100
+    demo.main(
+        [
+            "--output",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "512",
+            "--eval-subset",
+            "256",
+            "--telemetry-batch",
+            "8",
+        ]
+    )
+    assert "holds a completed run with this configuration" in capsys.readouterr().out  # a second run reports
 
 
 def test_layer_measurements_are_the_reference_functions_on_the_layer_activations():
