@@ -1,6 +1,7 @@
 """`make demo`: train the small CRATE on the full Fashion-MNIST on the CPU, then report its test
 accuracy, the wall time and the per-layer white-box table (compression before and after each MSSA
-step, sparsity after each ISTA step; crate.whitebox).
+step, sparsity after each ISTA step; crate.whitebox), and write the audit (crate.analysis: JSON,
+Markdown, the layer-wise plot and the attention maps) into the run folder.
 
     python -m crate.demo                              # crate_mini_patch4_28, the fashion-mnist preset
     python -m crate.demo --model vit_mini_patch4_28   # the same recipe on a ViT of the same size
@@ -13,7 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
-from . import whitebox
+from . import analysis, whitebox
+from .audit import load_images, load_model
+from .model import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from .train import resolve_config, train
 
 
@@ -40,6 +43,21 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"{output} holds a completed run with this configuration (--retrain to train again)")
     _report(summary, output)
+    if args.model.startswith("crate"):
+        model, _ = load_model(output)
+        images = load_images("fashion-mnist", model, 64)
+        paths = analysis.write_report(
+            model,
+            images,
+            output / "audit",
+            title=f"{args.model}, Fashion-MNIST",
+            mean=FASHION_MNIST_MEAN,
+            std=FASHION_MNIST_STD,
+        )
+        print(
+            "\nWhite-box audit (crate audit):\n"
+            + "\n".join(f"  {kind}: {path}" for kind, path in paths.items())
+        )
     return summary["result"]
 
 

@@ -239,6 +239,15 @@ class CRATE(nn.Module):
         self.feature_info = [
             dict(module=f"blocks.{i}", num_chs=dim, reduction=config.patch_size) for i in range(config.depth)
         ]
+        # timm's data configuration for a model built directly (timm.create_model replaces it)
+        channels = config.in_chans
+        self.pretrained_cfg = dict(
+            input_size=(channels, *self.patch_embed.img_size),
+            interpolation="bilinear",
+            crop_pct=1.0,
+            mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
+            std=IMAGENET_STD if channels == 3 else (0.5,) * channels,
+        )
 
     # -- input ---------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:

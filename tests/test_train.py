@@ -147,22 +147,8 @@ def test_presets_and_overrides():
 
 
 # -- learning ---------------------------------------------------------------------------------------
-def test_training_learns_fashion_mnist_far_above_chance(tmp_path):
-    config = resolve_config(
-        [
-            "--train-subset",
-            "4096",
-            "--eval-subset",
-            "1000",
-            "--epochs",
-            "3",
-            "--output",
-            str(tmp_path),
-            "--log-every",
-            "8",
-        ]
-    )
-    result = train(config)
+def test_training_learns_fashion_mnist_far_above_chance(trained_run):
+    tmp_path, result = trained_run
     assert result["top1"] > 60, result  # chance is 10%
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train_subset"] == 4096 and saved["model"] == "crate_mini_patch4_28"

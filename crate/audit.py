@@ -1,0 +1,101 @@
+"""`crate audit CHECKPOINT`: the white-box audit (crate.analysis) of a trained model.
+
+    crate audit runs/demo-crate_mini_patch4_28                     # a run folder (model from config.json)
+    crate audit crate_tiny.pth --model crate_tiny_patch16_224 --data /data/imagenet/val
+    crate audit run/checkpoint-00005616 --data fashion-mnist --images 128
+
+CHECKPOINT is a run folder, a checkpoint folder (model.safetensors), a .safetensors file or an
+official .pth state dict. --data is "fashion-mnist" or a folder of images (searched recursively).
+Writes audit.json, audit.md, layers.png and attention.png and prints the table.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import timm
+import timm.data
+import torch
+from safetensors.torch import load_file
+
+from . import analysis, checkpoint
+from .data import FashionMNIST
+from .model import convert_official_state_dict
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def load_model(path: Path, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode, model name) from a run folder, checkpoint folder or weights file."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        model_name = model_name or json.loads((path / "config.json").read_text())["model"]
+        path = checkpoint.latest(path)
+    elif path.is_dir() and (path.parent / "config.json").is_file():
+        model_name = model_name or json.loads((path.parent / "config.json").read_text())["model"]
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if model_name is None:
+        raise ValueError(f"{path} comes with no config.json: name the architecture with --model")
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = convert_official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    model = timm.create_model(model_name, num_classes=num_classes)
+    model.load_state_dict(convert_official_state_dict(state, model), strict=True)
+    return model.eval(), model_name
+
+
+def load_images(data: str, model: torch.nn.Module, count: int) -> torch.Tensor:
+    """The first ``count`` images of Fashion-MNIST's test split, or of an image folder (sorted paths),
+    transformed for the model's default data configuration."""
+    if data == "fashion-mnist":
+        test = FashionMNIST(split="test")
+        return torch.stack([test[i][0] for i in range(min(count, len(test)))])
+    folder = Path(data)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    from PIL import Image
+
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**config)
+    mode = "L" if config["input_size"][0] == 1 else "RGB"
+    return torch.stack([transform(Image.open(p).convert(mode)) for p in paths[:count]])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="crate audit", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--model", help="timm model name (read from the run's config.json when present)")
+    parser.add_argument("--data", default="fashion-mnist", help='"fashion-mnist" or a folder of images')
+    parser.add_argument("--images", type=int, default=64, help="how many images to measure on")
+    parser.add_argument("--layer", type=int, default=-1, help="layer of the attention maps (default: last)")
+    parser.add_argument("--output", type=Path, help="default: <checkpoint>/audit")
+    args = parser.parse_args(argv)
+    model, name = load_model(args.checkpoint, args.model)
+    images = load_images(args.data, model, args.images)
+    output = (
+        args.output or (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "audit"
+    )
+    config = timm.data.resolve_data_config({}, model=model)
+    paths = analysis.write_report(
+        model,
+        images,
+        output,
+        title=f"{name} on {args.data}",
+        mean=config["mean"],
+        std=config["std"],
+        layer=args.layer,
+    )
+    print(paths["markdown"].read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
