@@ -122,6 +122,23 @@ def markdown_table(layers: list[dict]) -> str:
     return "\n".join([header, *rows])
 
 
+def format_table(summary: list[dict]) -> str:
+    def stat(entry: dict) -> str:
+        return f"{entry['mean']:9.3f} ± {entry['std']:7.3f}"
+
+    lines = [
+        f"{'layer':>5} | {'R^c in (LN1 Z^l)':>19} | {'R^c after MSSA':>19} | "
+        f"{'change':>8} | {'non-zero':>17}",
+        "-" * 82,
+    ]
+    for row in summary:
+        lines.append(
+            f"{row['layer']:>5} | {stat(row['compression_in'])} | {stat(row['compression_out'])} | "
+            f"{row['compression_change']['mean']:+8.3f} | {stat(row['nonzero'])}"
+        )
+    return "\n".join(lines)
+
+
 def plot_layers(layers: list[dict], path: Path, title: str = "") -> Path:
     """The paper's layer-wise figure: compression (before/after MSSA) and sparsity against depth."""
     import matplotlib

@@ -1,6 +1,6 @@
 """`make demo`: train the small CRATE on the full Fashion-MNIST on the CPU, then report its test
 accuracy, the wall time and the per-layer white-box table (compression before and after each MSSA
-step, sparsity after each ISTA step; crate.whitebox), and write the audit (crate.analysis: JSON,
+step, sparsity after each ISTA step), and write the audit (crate.analysis: JSON,
 Markdown, the layer-wise plot and the attention maps) into the run folder.
 
     python -m crate.demo                              # crate_mini_patch4_28, the fashion-mnist preset
@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import analysis, whitebox
+from . import analysis
 from .audit import load_images, load_model
 from .model import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from .train import resolve_config, train
@@ -79,7 +79,7 @@ def _report(summary: dict, output: Path) -> None:
     )
     if "whitebox" in result:
         print("\nPer-layer white-box measurements on 64 test images (mean ± std over images):")
-        print(whitebox.format_table(result["whitebox"]))
+        print(analysis.format_table(result["whitebox"]))
     print(f"\nrun folder: {output} (config.json, metrics.jsonl, checkpoints, summary.json)")
 
 

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from . import checkpoint, whitebox
+from . import analysis, checkpoint
 from .data import FashionMNIST, ImageFolderSkippingCorrupt, collate_skipping_none
 
 log = logging.getLogger("crate.train")
@@ -457,10 +457,8 @@ def _evaluate_and_report(
     evaluated = ema.module if ema is not None else model
     result = dict(step=step, epoch=step / steps_per_epoch, **evaluate(evaluated, loader, device, autocast))
     result["train_time_s"] = time.perf_counter() - start_time
-    if hasattr(evaluated, "forward_intermediates") and hasattr(evaluated, "blocks") and _is_crate(evaluated):
-        result["whitebox"] = whitebox.summarize(
-            whitebox.layer_measurements(evaluated, telemetry_images.to(device))
-        )
+    if _is_crate(evaluated):
+        result["whitebox"] = analysis.audit(evaluated, telemetry_images.to(device))
     _write(metrics_file, result)
     return result
 

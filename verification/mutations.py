@@ -198,7 +198,7 @@ MUTATIONS = [
     Mutation("fast: no position embedding", "crate/model.py", "x], dim=1) + self.pos_embed", "x], dim=1)"),
     Mutation(
         "white-box subspaces interleaved",
-        "crate/whitebox.py",
+        "crate/analysis.py",
         "unflatten(0, (block.attn.heads, -1)).transpose(-2, -1)",
         "unflatten(0, (-1, block.attn.heads)).permute(1, 2, 0)",
     ),
