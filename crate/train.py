@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,8 +368,14 @@ def train(config: TrainConfig) -> dict:
         total_steps = min(total_steps, config.max_steps)
 
     metrics_file = (output / "metrics.jsonl").open("a") if distributed.is_main else None
+    interactive = sys.stderr.isatty()  # a log file gets a line every 30 s, not every step
     progress = tqdm(
-        total=total_steps, initial=step, disable=not distributed.is_main, unit="step", dynamic_ncols=True
+        mininterval=0.1 if interactive else 30,
+        total=total_steps,
+        initial=step,
+        disable=not distributed.is_main,
+        unit="step",
+        dynamic_ncols=True,
     )
     result = {}
     start_time = time.perf_counter()

@@ -67,6 +67,16 @@ def test_attention_maps_and_pca_have_the_patch_grid_shape():
     assert pca.shape == (3, 3, 4, 4) and pca.min() >= 0 and pca.max() <= 1
 
 
+def test_attention_plot_works_with_patch_8_models(tmp_path):
+    model = CRATE(
+        CRATEConfig(img_size=32, patch_size=8, in_chans=3, num_classes=0, dim=12, depth=2, heads=3)
+    ).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert analysis.attention_maps(model, images).shape == (2, 3, 4, 4)
+    path = analysis.plot_attention(model, images, tmp_path / "attention.png", mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert path.stat().st_size > 10_000
+
+
 def test_audit_command_writes_json_markdown_and_plots(trained_run, tmp_path, capsys):
     run, _ = trained_run
     paths = audit_main([str(run), "--images", "16", "--output", str(tmp_path)])
