@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test verify mutations demo lint clean
+.PHONY: setup data test verify mutations demo bench lint clean
 
 setup: $(STAMP)
 
@@ -31,13 +31,18 @@ data:
 	fi
 
 test: setup data
-	$(PY) -m pytest -q tests verification
+	$(PY) -m pytest -q tests verification benchmarks --bench-smoke --benchmark-disable
 
 verify: setup
 	$(PY) -m pytest -q verification
 
 mutations: setup
 	$(PY) -m verification.mutations
+
+# full CPU benchmarks (a few minutes); the JSON and its table go to benchmarks/results/
+bench: setup
+	$(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/results/cpu-$$(date +%F).json
+	$(PY) -m benchmarks.report benchmarks/results/cpu-$$(date +%F).json | tee benchmarks/results/cpu-$$(date +%F).md
 
 demo: setup data
 	$(PY) -m crate.demo

@@ -354,9 +354,9 @@ class CRATE(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = _config_from(None, {"pool": global_pool}).pool
+        overrides = {"num_classes": num_classes} | ({"pool": global_pool} if global_pool is not None else {})
+        self.config = _config_from(self.config, overrides)
+        self.num_classes, self.global_pool = self.config.num_classes, self.config.pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def no_weight_decay(self) -> set[str]:

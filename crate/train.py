@@ -285,7 +285,7 @@ def train(config: TrainConfig) -> dict:
     if distributed.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    _seed_everything(config.seed + distributed.rank)
+    _seed_everything(config.seed)  # the same initial model (and EMA) on every rank
 
     model = timm.create_model(config.model, drop_path_rate=config.drop_path, **_num_classes(config))
     if config.grad_checkpointing:
@@ -350,6 +350,7 @@ def train(config: TrainConfig) -> dict:
         else torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     )
 
+    _seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
     step = 0
     if config.resume:
         step = checkpoint.restore(output, model, optimizer, ema, device)

@@ -230,6 +230,7 @@ def test_classifier_reset_and_parameter_groups():
     model = CRATE(SMALL)
     model.reset_classifier(7, global_pool="avg")
     assert model.get_classifier().out_features == 7 and model.global_pool == "mean"
+    assert (model.config.num_classes, model.config.pool) == (7, "mean")
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
     assert len(optimizer.param_groups) > 2

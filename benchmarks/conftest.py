@@ -1,0 +1,38 @@
+"""Benchmark settings: full sizes by default (CPU: batch 8, float32; GPU: batch 256, bf16 autocast),
+or tiny sizes and one round with --bench-smoke (what `make test` runs, so the benchmarks cannot rot)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-smoke", action="store_true", help="tiny sizes, one round: check that it runs")
+    parser.addoption("--bench-rounds", type=int, default=7, help="timed rounds per benchmark")
+
+
+@dataclass(frozen=True)
+class Bench:
+    smoke: bool
+    device: torch.device
+    batch: int
+    rounds: int
+    amp: bool  # bf16 autocast (GPU)
+
+    @property
+    def sizes(self) -> list[str]:
+        return ["tiny"] if self.smoke else ["tiny", "small", "base"]
+
+    def model_kwargs(self) -> dict:
+        """Tiny images and depth in smoke mode; the real 224×224 models otherwise."""
+        return dict(img_size=32, depth=2) if self.smoke else {}
+
+
+@pytest.fixture(scope="session")
+def bench(request) -> Bench:
+    smoke = request.config.getoption("--bench-smoke")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    batch = 2 if smoke else (256 if gpu else 8)
+    return Bench(smoke, device, batch, 1 if smoke else request.config.getoption("--bench-rounds"), gpu)
