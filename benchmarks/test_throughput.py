@@ -307,4 +307,5 @@ def test_naive_baseline_computes_the_fast_models_function(bench):
     naive.load_state_dict(fast.state_dict())
     images, _ = _images(bench)
     with torch.no_grad():
-        torch.testing.assert_close(naive(images), fast(images), rtol=1e-4, atol=1e-4)
+        # float32, other op order (explicit attention, three-matmul ISTA): measured 9.5e-7 on logits ~2
+        torch.testing.assert_close(naive(images), fast(images), rtol=0, atol=1e-5)
