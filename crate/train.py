@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from . import analysis, checkpoint
 from .data import FashionMNIST, ImageFolderSkippingCorrupt, collate_skipping_none
+from .model import CRATE
 
 log = logging.getLogger("crate.train")
 
@@ -133,13 +134,11 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     """Preset values, then every command-line override."""
     parser = argparse.ArgumentParser(prog="crate train", description=__doc__.splitlines()[0])
     for field in dataclasses.fields(TrainConfig):
-        if field.type is bool or field.type == "bool":
-            parser.add_argument(f"--{field.name.replace('_', '-')}", action=argparse.BooleanOptionalAction)
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), None) or (
-                field.type if field.type in (int, float) else str
-            )
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind)
+            parser.add_argument(flag, type=field.type if field.type in (int, float) else str)
     args = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     preset = args.get("preset", TrainConfig.preset)
     if preset not in PRESETS:
@@ -465,7 +464,7 @@ def _evaluate_and_report(
     evaluated = ema.module if ema is not None else model
     result = dict(step=step, epoch=step / steps_per_epoch, **evaluate(evaluated, loader, device, autocast))
     result["train_time_s"] = time.perf_counter() - start_time
-    if _is_crate(evaluated):
+    if isinstance(evaluated, CRATE):
         result["whitebox"] = analysis.audit(evaluated, telemetry_images.to(device))
     _write(metrics_file, result)
     return result
@@ -476,12 +475,6 @@ def _summary(result: dict) -> str:
         f"epoch {result['epoch']:.2f}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"eval loss {result['eval_loss']:.4f}  ({result['train_time_s']:.0f} s)"
     )
-
-
-def _is_crate(model) -> bool:
-    from .model import CRATE
-
-    return isinstance(model, CRATE)
 
 
 def _num_classes(config: TrainConfig) -> dict:

@@ -117,6 +117,26 @@ class LayerResult:
     ref_pre: torch.Tensor
 
 
+def _models(
+    state: dict, heads: int, patch_size: int, channels: int, precision: str, fused: bool, device: str
+):
+    """(rounded values, the same in float64, the reference on them, the fast model on them)."""
+    low, ref_values = rounded(state, precision)
+    ref_model = reference.OfficialCRATE.from_state_dict(
+        ref_values, heads=heads, patch_size=patch_size, channels=channels
+    )
+    model = fast_model(
+        low,
+        heads=heads,
+        patch_size=patch_size,
+        channels=channels,
+        fused=fused,
+        dtype=PRECISIONS[precision][0],
+        device=device,
+    )
+    return low, ref_values, ref_model, model
+
+
 def layer_results(
     state: dict,
     X: torch.Tensor,
@@ -133,13 +153,7 @@ def layer_results(
     ``state``: float64 official state dict; ``X``: float64 stream (B, N, d) entering layer 0.
     """
     dtype = PRECISIONS[precision][0]
-    low, ref_values = rounded(state, precision)
-    ref_model = reference.OfficialCRATE.from_state_dict(
-        ref_values, heads=heads, patch_size=patch_size, channels=channels
-    )
-    model = fast_model(
-        low, heads=heads, patch_size=patch_size, channels=channels, fused=fused, dtype=dtype, device=device
-    )
+    low, ref_values, ref_model, model = _models(state, heads, patch_size, channels, precision, fused, device)
     low = {key: value.to(device) for key, value in low.items()}
     with torch.no_grad():
         states = ref_model.transformer.forward_intermediates(X.to(dtype).double())
@@ -179,13 +193,7 @@ def layer_gradients(
     input). g is random, and zero wherever the three disagree on the side of the ReLU: the backward
     is discontinuous there (math.md §8.4), so this imposes the reference's ReLU mask."""
     dtype, _, u = PRECISIONS[precision]
-    low, ref_values = rounded(state, precision)
-    ref_model = reference.OfficialCRATE.from_state_dict(
-        ref_values, heads=heads, patch_size=patch_size, channels=channels
-    )
-    model = fast_model(
-        low, heads=heads, patch_size=patch_size, channels=channels, fused=fused, dtype=dtype, device=device
-    )
+    low, _, ref_model, model = _models(state, heads, patch_size, channels, precision, fused, device)
     with torch.no_grad():
         x = ref_model.transformer.forward_intermediates(X.to(dtype).double())[layer].input.to(dtype)
     prefix = f"transformer.layers.{layer}."

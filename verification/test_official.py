@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import reference
 from verification import plain
 from verification.asserts import assert_close, max_abs
-from verification.strategies import head_problems, randn, seeds
+from verification.strategies import head_problems, randn, randomise_affine, seeds
 
 
 @given(
@@ -44,10 +44,7 @@ def test_official_reference_equals_independent_functional_implementation(
         num_classes=num_classes,
         generator=generator,
     )
-    state = {
-        k: v + 0.3 * randn(v.shape, generator) if ".norm." in k or k.endswith("bias") else v
-        for k, v in state.items()
-    }
+    state = randomise_affine(state, generator)
     model = reference.OfficialCRATE.from_state_dict(
         state, heads=heads, patch_size=patch_size, channels=channels
     )
