@@ -1,11 +1,13 @@
-"""CRATE: white-box transformers via sparse rate reduction (Yu et al., NeurIPS 2023).
+"""CRATE: white-box transformers via sparse rate reduction (Yu et al., NeurIPS 2023), and CRATE-α
+(Yang et al., NeurIPS 2024).
 
-The fast model (``crate.model``), registered with timm on import when timm is installed; the float64
-reference it is verified against is the sibling package ``reference``.
+The fast models (``crate.model``: CRATE; ``crate.alpha``: CRATE-α), registered with timm on import when
+timm is installed; the float64 reference they are verified against is the sibling package ``reference``.
 """
 
 import importlib.util
 
+from .alpha import ALPHA_VARIANTS, CRATEAlpha, CRATEAlphaConfig, alpha_variant_config
 from .model import (
     CRATE,
     VARIANTS,
@@ -21,10 +23,14 @@ if importlib.util.find_spec("timm") is not None:
 
 __version__ = "0.1.0"
 __all__ = [
+    "ALPHA_VARIANTS",
     "CRATE",
     "VARIANTS",
+    "CRATEAlpha",
+    "CRATEAlphaConfig",
     "CRATEConfig",
     "LayerStates",
+    "alpha_variant_config",
     "convert_official_state_dict",
     "load_official_state_dict",
     "variant_config",

@@ -52,15 +52,25 @@ class MSSA(nn.Module):
     is the in-model oracle. Why: PyTorch's CPU SDPA backward recomputes the attention from a saved
     log-sum-exp, and with peaky attention its float32 gradients were 5–10× less accurate than the
     explicit path's (verification/precision.py; math.md §8 rule violated), for a 13% faster step.
-    ``proj`` is W_out with bias (absent when one head spans the whole width, as officially).
+    ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
+    whole width, as officially).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, proj_drop: float = 0.0, fused_attn: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        proj_drop: float = 0.0,
+        fused_attn: bool = True,
+        proj_bias: bool = True,
+    ):
         super().__init__()
         self.heads, self.head_dim, self.scale = heads, head_dim, head_dim**-0.5
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, heads * head_dim, bias=False)  # rows k·p..(k+1)·p−1 are U_kᵀ
-        self.proj = nn.Identity() if heads == 1 and head_dim == dim else nn.Linear(heads * head_dim, dim)
+        identity = heads == 1 and head_dim == dim
+        self.proj = nn.Identity() if identity else nn.Linear(heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, y: torch.Tensor) -> torch.Tensor:
@@ -110,7 +120,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.attn = MSSA(dim, heads, head_dim, proj_drop, fused_attn)
-        self.drop_path = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.ista = ISTA(dim, eta, lam)
 
@@ -133,7 +143,7 @@ class LayerStates(NamedTuple):
     attention: torch.Tensor | None = None
 
 
-class _DropPath(nn.Module):
+class DropPath(nn.Module):
     """Stochastic depth on a residual branch (per sample), as timm's DropPath."""
 
     def __init__(self, probability: float):
@@ -187,52 +197,47 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _config_from(config: CRATEConfig | None, kwargs: dict) -> CRATEConfig:
-    """CRATEConfig with overrides, accepting timm's argument names (embed_dim, num_heads, global_pool)."""
+def _config_from(config: CRATEConfig | None, kwargs: dict, config_class: type = CRATEConfig):
+    """A config (``config_class``) with overrides, accepting timm's argument names (embed_dim,
+    num_heads, global_pool)."""
+    config = config or config_class()
     overrides = {_TIMM_NAMES.get(key, key): value for key, value in kwargs.items()}
-    unknown = set(overrides) - {f.name for f in fields(CRATEConfig)}
+    unknown = set(overrides) - {f.name for f in fields(config)}
     if unknown:
-        raise TypeError(f"CRATE got unexpected arguments {sorted(unknown)}")
+        raise TypeError(
+            f"{config_class.__name__.removesuffix('Config')} got unexpected arguments {sorted(unknown)}"
+        )
     if "pool" in overrides:
         if overrides["pool"] not in _TIMM_POOLS:
             raise ValueError(f"global_pool must be one of {sorted(_TIMM_POOLS)}, got {overrides['pool']!r}")
         overrides["pool"] = _TIMM_POOLS[overrides["pool"]]
-    return replace(config or CRATEConfig(), **overrides)
+    return replace(config, **overrides)
 
 
 class CRATE(nn.Module):
     """CRATE classifier with timm's model contract (forward_features, forward_head, forward_intermediates,
-    ...). Build it from a CRATEConfig and/or keyword overrides, or with timm.create_model."""
+    ...). Build it from a CRATEConfig and/or keyword overrides, or with timm.create_model.
+
+    CRATE-α (crate/alpha.py) is this model with another patch embedding and layer: a subclass
+    overrides ``config_class``, ``make_patch_embed`` and ``make_block``."""
+
+    config_class = CRATEConfig
 
     def __init__(self, config: CRATEConfig | None = None, **kwargs):
         super().__init__()
-        config = self.config = _config_from(config, kwargs)
-        dim, head_dim = config.dim, config.dim // config.heads
+        config = self.config = _config_from(config, kwargs, self.config_class)
+        dim = config.dim
         self.num_classes, self.global_pool = config.num_classes, config.pool
         self.num_features = self.head_hidden_size = self.embed_dim = dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(_pair(config.img_size), config.patch_size, config.in_chans, dim)
+        self.patch_embed = self.make_patch_embed(config)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))  # standard normal, as the official init
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
         drop_paths = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.Sequential(
-            *[
-                Block(
-                    dim,
-                    config.heads,
-                    head_dim,
-                    config.eta,
-                    config.lam,
-                    config.drop_rate,
-                    p,
-                    config.fused_attn,
-                )
-                for p in drop_paths
-            ]
-        )
+        self.blocks = nn.Sequential(*[self.make_block(config, drop_path) for drop_path in drop_paths])
         self.fc_norm = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
@@ -249,17 +254,37 @@ class CRATE(nn.Module):
             std=IMAGENET_STD if channels == 3 else (0.5,) * channels,
         )
 
+    @staticmethod
+    def make_patch_embed(config: CRATEConfig) -> nn.Module:
+        return PatchEmbed(_pair(config.img_size), config.patch_size, config.in_chans, config.dim)
+
+    @staticmethod
+    def make_block(config: CRATEConfig, drop_path: float) -> nn.Module:
+        heads = config.heads
+        return Block(
+            config.dim,
+            heads,
+            config.dim // heads,
+            config.eta,
+            config.lam,
+            config.drop_rate,
+            drop_path,
+            config.fused_attn,
+        )
+
     # -- input ---------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
+        name = type(self).__name__
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             got = getattr(images, "dtype", type(images).__name__)
             raise TypeError(
-                f"CRATE expects floating-point images, got {got}; convert with .float() (and normalise) first"
+                f"{name} expects floating-point images, got {got}; "
+                "convert with .float() (and normalise) first"
             )
         expected = (self.patch_embed.in_chans, *self.patch_embed.img_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
-                f"CRATE expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                f"{name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                 f"got {tuple(images.shape)}; build the model with in_chans/img_size to match "
                 "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
             )
@@ -385,52 +410,98 @@ def _take_indices(depth: int, indices: int | list[int] | None) -> tuple[list[int
 
 
 # -- official checkpoints ------------------------------------------------------------------------------
+# (released key pattern, this model's key): CRATE (Ma-Lab-Berkeley/CRATE) and CRATE-α (UCSC-VLAA/CRATE-alpha)
 _OFFICIAL_KEYS = [
     (r"to_patch_embedding\.1\.(weight|bias)", r"patch_embed.norm_in.\1"),
     (r"to_patch_embedding\.2\.(weight|bias)", r"patch_embed.proj.\1"),
     (r"to_patch_embedding\.3\.(weight|bias)", r"patch_embed.norm_out.\1"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.weight", r"blocks.\1.ista.weight"),
+]
+_RELEASED_ALPHA_KEYS = [
+    (r"conv1\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.(D|D1)", r"blocks.\1.odl.\2"),
+]
+_SHARED_KEYS = [
     (r"cls_token", r"cls_token"),
     (r"pos_embedding", r"pos_embed"),
     (r"transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
     (r"transformer\.layers\.(\d+)\.0\.fn\.qkv\.weight", r"blocks.\1.attn.qkv.weight"),
     (r"transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
     (r"transformer\.layers\.(\d+)\.1\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"transformer\.layers\.(\d+)\.1\.fn\.weight", r"blocks.\1.ista.weight"),
     (r"mlp_head\.0\.(weight|bias)", r"fc_norm.\1"),
     (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
 ]
+_LAYOUTS = {"CRATE": _OFFICIAL_KEYS + _SHARED_KEYS, "CRATE-α": _RELEASED_ALPHA_KEYS + _SHARED_KEYS}
+
+
+def official_layout(state_dict: dict) -> str | None:
+    """ "CRATE" or "CRATE-α" for a state dict in a released layout, None for any other."""
+    if "pos_embedding" not in state_dict:
+        return None
+    return "CRATE-α" if "conv1.weight" in state_dict else "CRATE"
 
 
 def convert_official_state_dict(state_dict: dict, model: CRATE | None = None) -> dict[str, torch.Tensor]:
-    """Official key names (Ma-Lab-Berkeley/CRATE) -> this model's; also timm's checkpoint filter.
+    """Released key names (CRATE: Ma-Lab-Berkeley/CRATE; CRATE-α: UCSC-VLAA/CRATE-alpha) -> this
+    model's; also timm's checkpoint filter.
 
     Accepts a training checkpoint too (weights under 'state_dict' or 'model', DDP's 'module.' prefix).
-    A state dict already in this model's names passes through. With ``model``, the position embedding
-    is resampled (bicubic, cls token kept) when the checkpoint's patch grid differs from the model's.
+    A state dict already in this model's names passes through. With ``model``: the checkpoint must fit
+    it (every key but the classifier's present with its shape, no other key; else a ValueError names
+    each problem), and the position embedding is resampled (bicubic, cls token kept) when the
+    checkpoint's patch grid differs from the model's.
     """
     for wrapper in ("state_dict", "model"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    if "pos_embedding" in state_dict:
-        state_dict = _rename_official(state_dict)
-    if model is not None and "pos_embed" in state_dict:
-        state_dict["pos_embed"] = _resample_position_embedding(state_dict["pos_embed"], model)
+    layout = official_layout(state_dict)
+    if layout is not None:
+        state_dict = _rename(state_dict, layout)
+    if model is not None:
+        if "pos_embed" in state_dict:
+            state_dict["pos_embed"] = _resample_position_embedding(state_dict["pos_embed"], model)
+        _check_fits(state_dict, model, layout)
     return state_dict
 
 
-def _rename_official(state_dict: dict) -> dict:
+def _rename(state_dict: dict, layout: str) -> dict:
     converted, unknown = {}, []
     for key, value in state_dict.items():
-        for pattern, target in _OFFICIAL_KEYS:
+        for pattern, target in _LAYOUTS[layout]:
             if re.fullmatch(pattern, key):
                 converted[re.sub(pattern, target, key)] = value
                 break
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"keys not in the official CRATE layout: {unknown}")
+        raise ValueError(f"keys not in the released {layout} layout: {unknown}")
     return converted
+
+
+def _check_fits(state_dict: dict, model: nn.Module, layout: str | None) -> None:
+    """Strict and loud: every model key but the classifier's (timm drops that one when the class
+    count differs) present with its shape, and no other key."""
+    expected = model.state_dict()
+    problems = [
+        f"missing key {key!r} (shape {tuple(expected[key].shape)})"
+        for key in expected
+        if key not in state_dict and not key.startswith("head.")
+    ]
+    problems += [
+        f"unexpected key {key!r}" for key in state_dict if key not in expected and not key.startswith("head.")
+    ]
+    problems += [
+        f"key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+        for key, value in state_dict.items()
+        if key in expected and not key.startswith("head.") and value.shape != expected[key].shape
+    ]
+    if problems:
+        source = f"a released {layout} checkpoint" if layout else "the checkpoint"
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__} ({model.config.dim} wide, "
+            f"{len(model.blocks)} layers):\n  " + "\n  ".join(problems)
+        )
 
 
 def _resample_position_embedding(pos_embed: torch.Tensor, model: CRATE) -> torch.Tensor:

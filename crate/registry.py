@@ -1,17 +1,24 @@
-"""timm registry entries for every CRATE configuration: `timm.create_model("crate_tiny_patch16_224")`.
+"""timm registry entries for every CRATE and CRATE-α configuration:
+`timm.create_model("crate_tiny_patch16_224")`,
+`timm.create_model("crate_alpha_base_patch16_224", pretrained=True)`.
 
-Imported by `import crate` when timm is installed. Checkpoints in the official layout load through
-timm's pretrained machinery (e.g. `pretrained_cfg_overlay=dict(file="crate_tiny.pth")`), converted by
-`convert_official_state_dict`.
+Imported by `import crate` when timm is installed. Checkpoints in the released layouts load through
+timm's pretrained machinery, converted by `convert_official_state_dict`: CRATE-α's published weights
+from the Hugging Face Hub (UCSC-VLAA/CRATE-alpha), any local file with
+`pretrained_cfg_overlay=dict(file="crate_tiny.pth")`.
 """
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from pathlib import PurePosixPath
 
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+
+from .alpha import ALPHA_VARIANTS, HUB_ID, IN21K_FOLDER, CRATEAlpha, alpha_default_cfgs, alpha_variant_config
 from .model import CRATE, VARIANTS, convert_official_state_dict, default_cfg, variant_config
 
 default_cfgs = generate_default_cfgs(
     {name: default_cfg(name) for name in VARIANTS}
     | {"vit_mini_patch4_28": default_cfg("crate_mini_patch4_28")}
+    | alpha_default_cfgs()
 )
 
 
@@ -79,3 +86,126 @@ def vit_mini_patch4_28(pretrained: bool = False, **kwargs):
         img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4
     )
     return build_model_with_cfg(VisionTransformer, "vit_mini_patch4_28", pretrained, **(model_args | kwargs))
+
+
+def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    if pretrained:
+        kwargs = _with_hub_file(variant, kwargs)
+    return build_model_with_cfg(
+        CRATEAlpha,
+        variant,
+        pretrained,
+        pretrained_filter_fn=convert_official_state_dict,
+        feature_cfg=dict(feature_cls="getter"),
+        config=alpha_variant_config(variant),
+        **kwargs,
+    )
+
+
+def _with_hub_file(variant: str, kwargs: dict) -> dict:
+    """The ImageNet-21K files have long run names in the Hub folder torch/in21k_Pretrain/: find the
+    one of this variant (e.g. "B16_…" for base, patch 16) in the Hub's listing, or in the local
+    Hugging Face cache when offline (HF_HUB_OFFLINE=1), and name it in the pretrained cfg."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    if cfg.file or cfg.state_dict or cfg.hf_hub_filename or cfg.hf_hub_id != HUB_ID:
+        return kwargs
+    patch, dim = ALPHA_VARIANTS[variant][:2]
+    size = {768: "B", 1024: "L"}[dim]
+    prefix = f"{size}{patch}_"
+    listing, source = _hub_listing()
+    candidates = sorted(
+        path
+        for path in listing
+        if path.startswith(IN21K_FOLDER)
+        and PurePosixPath(path).name.startswith(prefix)
+        and path.endswith(".pth")
+    )
+    if len(candidates) != 1:
+        raise FileNotFoundError(
+            f"{variant}.{cfg.tag}: expected one file {IN21K_FOLDER}{prefix}*.pth in {HUB_ID} ({source}), "
+            f"found {candidates or 'none'}; name it with "
+            "pretrained_cfg_overlay=dict(hf_hub_filename=...) or load a local copy with "
+            "pretrained_cfg_overlay=dict(file=...)"
+        )
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, hf_hub_filename=candidates[0])
+    return kwargs | dict(pretrained_cfg_overlay=overlay)
+
+
+def _hub_listing() -> tuple[list[str], str]:
+    """(files of the Hub repository, where the list came from): the Hub, else the local cache."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.list_repo_files(HUB_ID), "the Hub's listing"
+    except Exception as error:  # offline, no network, or the Hub unreachable: fall back to the cache
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+    files = [
+        file.file_path.relative_to(revision.snapshot_path).as_posix()
+        for repo in huggingface_hub.scan_cache_dir().repos
+        if repo.repo_id == HUB_ID and repo.repo_type == "model"
+        for revision in repo.revisions
+        for file in revision.files
+    ]
+    return files, f"the local Hugging Face cache, since the Hub could not be listed ({reason})"
+
+
+@register_model
+def crate_alpha_tiny_patch16_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-Ti/16: d=192, 12 layers, 3 heads (no published weights)."""
+    return _create_crate_alpha("crate_alpha_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_small_patch16_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-S/16: d=576, 12 layers, 12 heads (no published weights)."""
+    return _create_crate_alpha("crate_alpha_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_base_patch32_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-B/32: d=768, 12 layers, 12 heads; ImageNet-21K weights (.in21k)."""
+    return _create_crate_alpha("crate_alpha_base_patch32_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_base_patch16_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-B/16: d=768, 12 layers, 12 heads; 72,328,936 parameters. Published weights: ImageNet-21K
+    pre-trained and ImageNet-1K fine-tuned (.in21k_ft_in1k, the default: 81.2% top-1), and .in21k."""
+    return _create_crate_alpha("crate_alpha_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_base_patch8_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-B/8: d=768, 12 layers, 12 heads, 784 patches; ImageNet-21K weights (.in21k)."""
+    return _create_crate_alpha("crate_alpha_base_patch8_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_large_patch32_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-L/32: d=1024, 24 layers, 16 heads; ImageNet-21K weights (.in21k)."""
+    return _create_crate_alpha("crate_alpha_large_patch32_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_large_patch14_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-L/14: d=1024, 24 layers, 16 heads; 253,650,920 parameters. Published weights:
+    .in21k_ft_in1k (the default: 83.9% top-1) and .in21k."""
+    return _create_crate_alpha("crate_alpha_large_patch14_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_large_patch8_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-L/8: d=1024, 24 layers, 16 heads, 784 patches; ImageNet-21K weights (.in21k)."""
+    return _create_crate_alpha("crate_alpha_large_patch8_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_huge_patch14_224(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """CRATE-α-H/14: d=1280, 32 layers, 16 heads (no published classifier weights)."""
+    return _create_crate_alpha("crate_alpha_huge_patch14_224", pretrained, **kwargs)
+
+
+@register_model
+def crate_alpha_mini_patch4_28(pretrained: bool = False, **kwargs) -> CRATEAlpha:
+    """A small CRATE-α for 28×28 grayscale images (Fashion-MNIST): d=128, 6 layers, 4 heads, 512 atoms."""
+    return _create_crate_alpha("crate_alpha_mini_patch4_28", pretrained, **kwargs)

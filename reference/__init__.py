@@ -1,8 +1,9 @@
 """Slow, obviously-correct float64 reference for CRATE.
 
 The sparse rate reduction objective and its energies (``objective``), the layer steps derived from
-them by autograd (``steps``), the released architecture written literally (``official``) and sympy
-derivations for tiny cases (``symbolic``, imported on demand: it needs sympy).
+them by autograd (``steps``), the released CRATE and CRATE-α architectures written literally
+(``official``, ``official_alpha``) and sympy derivations for tiny cases (``symbolic``, imported on
+demand: it needs sympy).
 """
 
 from .objective import (
@@ -24,18 +25,25 @@ from .official import (
     patchify,
     random_official_state_dict,
 )
+from .official_alpha import (
+    OfficialCRATEAlpha,
+    official_alpha_state_dict_shapes,
+    random_official_alpha_state_dict,
+)
 from .steps import (
     COMPRESSION_MODES,
     compression_gradient,
     compression_step,
     ista_step,
     nonnegative_soft_threshold,
+    proximal_gradient_steps,
 )
 
 __all__ = [
     "COMPRESSION_MODES",
     "LayerStates",
     "OfficialCRATE",
+    "OfficialCRATEAlpha",
     "SparseRateReduction",
     "attention_energy",
     "coding_rate",
@@ -49,8 +57,11 @@ __all__ = [
     "lasso_data_term",
     "lasso_objective",
     "nonnegative_soft_threshold",
+    "official_alpha_state_dict_shapes",
     "official_state_dict_shapes",
     "patchify",
+    "proximal_gradient_steps",
+    "random_official_alpha_state_dict",
     "random_official_state_dict",
     "sparse_rate_reduction",
 ]

@@ -30,10 +30,13 @@ def require_subspaces(U, dim: int) -> None:
         raise ValueError(f"U must have shape (K, d, p) = (K, {dim}, p) with K, p >= 1, got {tuple(U.shape)}")
 
 
-def require_dictionary(D, dim: int) -> None:
+def require_dictionary(D, dim: int, square: bool = True) -> None:
+    """D of shape (d, d) (CRATE's ISTA), or (d, m) with m >= 1 atoms when not ``square`` (CRATE-α: m = 4d)."""
     require_float64("D", D)
-    if D.shape != (dim, dim):
+    if square and D.shape != (dim, dim):
         raise ValueError(f"D must have shape (d, d) = ({dim}, {dim}), got {tuple(D.shape)}")
+    if not square and (D.ndim != 2 or D.shape[0] != dim or D.shape[1] == 0):
+        raise ValueError(f"D must have shape (d, m) = ({dim}, m) with m >= 1 atoms, got {tuple(D.shape)}")
 
 
 def require_positive(name: str, value: float) -> None:

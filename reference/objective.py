@@ -132,17 +132,23 @@ def sparse_rate_reduction(Z: torch.Tensor, U: torch.Tensor, eps: float, lam: flo
 
 
 def lasso_data_term(A: torch.Tensor, X: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """½‖X − DA‖²_F in column form (codes A and data X token-major, D is d×d), one value per image."""
+    """½‖X − DA‖²_F in column form: data X (..., N, d) and codes A (..., N, m) token-major, D is d×m
+    (m = d for CRATE's ISTA, m = 4d for CRATE-α's over-complete dictionary); one value per image."""
     return 0.5 * ((_columns(X) - D @ _columns(A)) ** 2).sum((-2, -1))
 
 
 def lasso_objective(A: torch.Tensor, X: torch.Tensor, D: torch.Tensor, lam: float) -> torch.Tensor:
-    """f(A) = ½‖X − DA‖²_F + λ‖A‖₁ + 𝟙{A ≥ 0}  (math.md §4): +inf for an image with a negative code."""
+    """f(A) = ½‖X − DA‖²_F + λ‖A‖₁ + 𝟙{A ≥ 0}  (math.md §4; over-complete D ∈ R^{d×m} as CRATE-α's):
+    +inf for an image with a negative code."""
     require_tokens("A", A)
     require_tokens("X", X)
-    if A.shape != X.shape:
-        raise ValueError(f"A and X must have the same shape, got {tuple(A.shape)} and {tuple(X.shape)}")
-    require_dictionary(D, X.shape[-1])
+    require_dictionary(D, X.shape[-1], square=False)
+    expected = (*X.shape[:-1], D.shape[1])
+    if A.shape != expected:
+        raise ValueError(
+            f"A must have the same shape as X but with m = {D.shape[1]} codes per token (D's columns): "
+            f"expected {expected}, got {tuple(A.shape)}"
+        )
     require_nonnegative("lam", lam)
     value = lasso_data_term(A, X, D) + lam * A.abs().sum((-2, -1))
     infeasible = (A < 0).any(-1).any(-1)

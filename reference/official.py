@@ -19,8 +19,8 @@ LAYERNORM_EPS = 1e-5
 DTYPE = torch.float64
 
 
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=LAYERNORM_EPS, dtype=DTYPE)
+def _layer_norm(dim: int, eps: float = LAYERNORM_EPS) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=eps, dtype=DTYPE)
 
 
 def _linear(fan_in: int, fan_out: int, bias: bool = True) -> nn.Linear:
@@ -48,9 +48,9 @@ class Patchify(nn.Module):
 class PreNorm(nn.Module):
     """fn(LayerNorm(x)); the official wrapper (keys ``norm.*`` and ``fn.*``)."""
 
-    def __init__(self, dim: int, fn: nn.Module):
+    def __init__(self, dim: int, fn: nn.Module, eps: float = LAYERNORM_EPS):
         super().__init__()
-        self.norm = _layer_norm(dim)
+        self.norm = _layer_norm(dim, eps)
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,15 +58,18 @@ class PreNorm(nn.Module):
 
 
 class MSSA(nn.Module):
-    """Multi-head subspace self-attention: query = key = value = y·U_k  (math.md §5)."""
+    """Multi-head subspace self-attention: query = key = value = y·U_k  (math.md §5). W_out has a bias
+    in CRATE and none in CRATE-α."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, out_bias: bool = True):
         super().__init__()
         self.heads = heads
         self.scale = head_dim**-0.5
         self.qkv = _linear(dim, heads * head_dim, bias=False)  # rows k·p..(k+1)·p−1 are U_kᵀ
         identity_out = heads == 1 and head_dim == dim
-        self.to_out = nn.Identity() if identity_out else nn.Sequential(_linear(heads * head_dim, dim))
+        self.to_out = (
+            nn.Identity() if identity_out else nn.Sequential(_linear(heads * head_dim, dim, bias=out_bias))
+        )
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         w = self.qkv(y).unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (B, K, N, p): w_k = y·U_k
@@ -180,7 +183,11 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
     )
 
 
-def _check_state_dict(state_dict: dict, expected: dict[str, tuple[int, ...]]) -> None:
+def check_state_dict(
+    state_dict: dict, expected: dict[str, tuple[int, ...]], layout: str = "official CRATE"
+) -> None:
+    """Every expected key present with its shape and a floating-point dtype, no other key; else one
+    ValueError that lists every problem."""
     problems = [
         f"missing key {key!r} (expected shape {shape})"
         for key, shape in expected.items()
@@ -198,7 +205,7 @@ def _check_state_dict(state_dict: dict, expected: dict[str, tuple[int, ...]]) ->
         elif tuple(value.shape) != shape:
             problems.append(f"key {key!r} has shape {tuple(value.shape)}, expected {shape}")
     if problems:
-        raise ValueError("state dict does not fit the official CRATE layout:\n  " + "\n  ".join(problems))
+        raise ValueError(f"state dict does not fit the {layout} layout:\n  " + "\n  ".join(problems))
 
 
 class OfficialCRATE(nn.Module):
@@ -253,7 +260,7 @@ class OfficialCRATE(nn.Module):
         shapes. Floating-point tensors of any precision are widened to float64 (exactly)."""
         sizes = _sizes_from_state_dict(state_dict, heads)
         shape_args = dict(sizes, heads=heads, patch_size=patch_size, channels=channels)
-        _check_state_dict(state_dict, official_state_dict_shapes(**shape_args))
+        check_state_dict(state_dict, official_state_dict_shapes(**shape_args))
         model = cls(**shape_args, eta=eta, lam=lam, rho=rho, pool=pool)
         model.load_state_dict({key: value.to(DTYPE) for key, value in state_dict.items()}, strict=True)
         return model
@@ -292,6 +299,11 @@ class OfficialCRATE(nn.Module):
         return self.head(self.transformer(self.embed(images)))
 
 
+def uniform_tensor(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:
+    """U(−bound, bound) in float64."""
+    return (torch.rand(shape, generator=generator, dtype=DTYPE) * 2 - 1) * bound
+
+
 def random_official_state_dict(
     *,
     dim: int,
@@ -324,9 +336,6 @@ def random_official_state_dict(
         "mlp_head.1": dim,
     }
 
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=generator, dtype=DTYPE) * 2 - 1) * bound
-
     state = {}
     for key, shape in shapes.items():
         module = key.rsplit(".", 1)[0]
@@ -334,9 +343,9 @@ def random_official_state_dict(
         if key in ("pos_embedding", "cls_token"):
             state[key] = torch.randn(shape, generator=generator, dtype=DTYPE)
         elif key.endswith("1.fn.weight"):
-            state[key] = uniform(shape, (6 / dim) ** 0.5)
+            state[key] = uniform_tensor(shape, (6 / dim) ** 0.5, generator)
         elif fan_in is not None:
-            state[key] = uniform(shape, fan_in**-0.5)
+            state[key] = uniform_tensor(shape, fan_in**-0.5, generator)
         else:
             state[key] = (
                 torch.ones(shape, dtype=DTYPE) if key.endswith("weight") else torch.zeros(shape, dtype=DTYPE)

@@ -51,18 +51,43 @@ def nonnegative_soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
     return torch.clamp_min(v - t, 0.0)
 
 
-def ista_step(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
-    """One proximal-gradient step on ½‖X − DA‖² + λ‖A‖₁ + 𝟙{A ≥ 0}, warm-started at A = X  (math.md §4).
+def proximal_gradient_steps(
+    X: torch.Tensor, D: torch.Tensor, eta: float, lam: float, steps: int, start: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """``steps`` proximal-gradient steps on ½‖X − DA‖² + λ‖A‖₁ + 𝟙{A ≥ 0} with D ∈ R^{d×m}, from A₀ =
+    ``start`` (zeros when None): the iterates [A₁, …, A_steps], each (B, N, m).
 
-    The data term's gradient comes from autograd, then the non-negative soft-threshold prox with
-    threshold ηλ.
+    Each step takes the data term's gradient from autograd, then the non-negative soft-threshold prox
+    with threshold ηλ. CRATE's ISTA is one step from A₀ = X (m = d); CRATE-α's ODL block is two steps
+    from A₀ = 0 with m = 4d (docs/crate-alpha.md).
     """
     require_tokens("X", X)
-    require_dictionary(D, X.shape[-1])
+    require_dictionary(D, X.shape[-1], square=False)
     require_positive("eta", eta)
     require_nonnegative("lam", lam)
-    differentiable = X.requires_grad or D.requires_grad
-    A = X.clone() if X.requires_grad else X.detach().requires_grad_(True)  # the codes, a node of their own
-    with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(lasso_data_term(A, X, D).sum(), A, create_graph=differentiable)
-    return nonnegative_soft_threshold(X - eta * gradient, eta * lam)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    codes_shape = (*X.shape[:-1], D.shape[1])
+    if start is None:
+        start = X.new_zeros(codes_shape)
+    elif start.shape != codes_shape:
+        raise ValueError(f"start must have the codes' shape {codes_shape}, got {tuple(start.shape)}")
+    differentiable = X.requires_grad or D.requires_grad or start.requires_grad
+    iterates, A = [], start
+    for _ in range(steps):
+        A_var = A.clone() if A.requires_grad else A.detach().requires_grad_(True)  # a node of its own
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(
+                lasso_data_term(A_var, X, D).sum(), A_var, create_graph=differentiable
+            )
+        A = nonnegative_soft_threshold((A_var if differentiable else A) - eta * gradient, eta * lam)
+        iterates.append(A)
+    return iterates
+
+
+def ista_step(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
+    """One proximal-gradient step on ½‖X − DA‖² + λ‖A‖₁ + 𝟙{A ≥ 0}, warm-started at A = X  (math.md §4):
+    CRATE's ISTA block, with its square dictionary D ∈ R^{d×d}."""
+    require_tokens("X", X)
+    require_dictionary(D, X.shape[-1])
+    return proximal_gradient_steps(X, D, eta, lam, steps=1, start=X)[0]

@@ -1,4 +1,5 @@
-"""The fast model's interface: timm integration, configuration errors, checkpoint conversion and
+"""The fast models' interface (CRATE; the timm contract also for CRATE-α, whose own checks are in
+tests/test_alpha_model.py): timm integration, configuration errors, checkpoint conversion and
 loading, the timm method contract, torch.compile and bf16 autocast. Numerical equality with the
 reference is verification/test_fast_model.py's job."""
 
@@ -9,7 +10,14 @@ import torch
 
 import crate
 import reference
-from crate import CRATE, CRATEConfig, convert_official_state_dict, load_official_state_dict
+from crate import (
+    CRATE,
+    CRATEAlpha,
+    CRATEAlphaConfig,
+    CRATEConfig,
+    convert_official_state_dict,
+    load_official_state_dict,
+)
 
 OFFICIAL_COUNTS = {
     "crate_tiny_patch16_224": 6_090_856,
@@ -146,17 +154,19 @@ def test_converted_state_dict_passes_through_unchanged():
 
 def test_mismatched_checkpoint_names_the_keys():
     state = _official_state(CRATEConfig(**{**SMALL.__dict__, "depth": 2}))
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*blocks\.2\.ista\.weight"):
+    with pytest.raises(ValueError, match=r"does not fit CRATE(.|\n)*missing key 'blocks\.2\.ista\.weight'"):
         load_official_state_dict(CRATE(SMALL), state)
     wrong_width = _official_state(CRATEConfig(**{**SMALL.__dict__, "dim": 8, "heads": 2}))
-    with pytest.raises(RuntimeError, match=r"size mismatch for cls_token"):
+    with pytest.raises(
+        ValueError, match=r"'cls_token' has shape \(1, 1, 8\), the model expects \(1, 1, 16\)"
+    ):
         load_official_state_dict(CRATE(SMALL), wrong_width)
 
 
 def test_unknown_official_key_is_named():
     state = dict(_official_state(), **{"transformer.layers.0.2.fn.weight": torch.zeros(1)})
     with pytest.raises(
-        ValueError, match=r"not in the official CRATE layout: \['transformer.layers.0.2.fn.weight'\]"
+        ValueError, match=r"not in the released CRATE layout: \['transformer.layers.0.2.fn.weight'\]"
     ):
         convert_official_state_dict(state)
 
@@ -182,9 +192,20 @@ def test_timm_loads_an_official_checkpoint_file(tmp_path):
     assert torch.equal(model(images), expected(images))
 
 
-# -- timm's method contract -------------------------------------------------------------------------
-def test_forward_is_forward_features_then_forward_head():
-    model = CRATE(SMALL).eval()
+# -- timm's method contract, for both families ----------------------------------------------------------
+SMALL_ALPHA = CRATEAlphaConfig(**SMALL.__dict__)
+FAMILIES = {"crate": (CRATE, SMALL), "crate_alpha": (CRATEAlpha, SMALL_ALPHA)}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def build(request):
+    """build(**overrides) -> a small CRATE or CRATE-α."""
+    model_class, config = FAMILIES[request.param]
+    return lambda **overrides: model_class(config, **overrides)
+
+
+def test_forward_is_forward_features_then_forward_head(build):
+    model = build().eval()
     images = _images()
     features = model.forward_features(images)
     assert features.shape == (2, 17, 16)
@@ -192,8 +213,8 @@ def test_forward_is_forward_features_then_forward_head():
     assert model.forward_head(features, pre_logits=True).shape == (2, 16)
 
 
-def test_forward_intermediates_follows_timm():
-    model = CRATE(SMALL).eval()
+def test_forward_intermediates_follows_timm(build):
+    model = build().eval()
     images = _images()
     final, maps = model.forward_intermediates(images)
     assert torch.equal(final, model.forward_features(images))
@@ -208,26 +229,34 @@ def test_forward_intermediates_follows_timm():
         model.forward_intermediates(images, indices=[3])
 
 
-def test_layer_states_carry_mssa_ista_and_attention():
-    model = CRATE(SMALL).eval()
+def test_layer_states_carry_mssa_ista_and_attention(build):
+    model = build().eval()
     states = model.forward_intermediates(
         _images(), intermediates_only=True, return_layer_states=True, return_attention=True
     )
     assert len(states) == 3 and torch.equal(states[1].input, states[0].ista)
-    assert all((s.ista >= 0).all() for s in states)
+    for state, block in zip(states, model.blocks, strict=True):
+        assert torch.equal(state.mssa, block.compress(state.input))
+        assert torch.equal(state.ista, block.sparsify(state.mssa))
     attention = states[0].attention
     assert attention.shape == (2, 2, 17, 17)
     assert torch.allclose(attention.sum(-1), torch.ones(2, 2, 17), atol=1e-6)
 
 
-def test_prune_intermediate_layers_keeps_what_is_needed():
-    model = CRATE(SMALL)
+def test_crate_layer_outputs_are_non_negative():
+    """CRATE's ISTA has no residual, so every layer output is a ReLU output (CRATE-α's has one)."""
+    states = CRATE(SMALL).forward_intermediates(_images(), intermediates_only=True, return_layer_states=True)
+    assert all((s.ista >= 0).all() for s in states)
+
+
+def test_prune_intermediate_layers_keeps_what_is_needed(build):
+    model = build()
     kept = model.prune_intermediate_layers([1], prune_head=True)
     assert kept == [1] and len(model.blocks) == 2 and isinstance(model.head, torch.nn.Identity)
 
 
-def test_classifier_reset_and_parameter_groups():
-    model = CRATE(SMALL)
+def test_classifier_reset_and_parameter_groups(build):
+    model = build()
     model.reset_classifier(7, global_pool="avg")
     assert model.get_classifier().out_features == 7 and model.global_pool == "mean"
     assert (model.config.num_classes, model.config.pool) == (7, "mean")
@@ -236,8 +265,8 @@ def test_classifier_reset_and_parameter_groups():
     assert len(optimizer.param_groups) > 2
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = CRATE(SMALL)
+def test_gradient_checkpointing_gives_the_same_gradients(build):
+    model = build()
     images = _images()
 
     def gradients():
@@ -251,8 +280,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.equal(a, b)  # the recomputed forward is the same computation
 
 
-def test_drop_path_is_random_in_training_only():
-    model = CRATE(SMALL, drop_path_rate=0.5)
+def test_every_parameter_receives_a_gradient(build):
+    model = build()
+    model(_images()).square().sum().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+def test_drop_path_is_random_in_training_only(build):
+    model = build(drop_path_rate=0.5)
     images = _images(batch=8)
     model.train()
     torch.manual_seed(0)
@@ -262,10 +297,10 @@ def test_drop_path_is_random_in_training_only():
     assert torch.equal(model(images), model(images))
 
 
-def test_fused_attention_is_used_only_without_autograd():
+def test_fused_attention_is_used_only_without_autograd(build):
     """SDPA in inference (fast), the explicit path under autograd (see crate.model.MSSA)."""
-    model = CRATE(SMALL).eval()
-    explicit = CRATE(SMALL, fused_attn=False).eval()
+    model = build().eval()
+    explicit = build(fused_attn=False).eval()
     explicit.load_state_dict(model.state_dict())
     images = _images()
     with torch.no_grad():
@@ -273,16 +308,16 @@ def test_fused_attention_is_used_only_without_autograd():
     assert torch.equal(model(images), explicit(images))  # grad enabled: the same explicit code path
 
 
-def test_compiled_model_matches_eager():
-    model = CRATE(SMALL).eval()
+def test_compiled_model_matches_eager(build):
+    model = build().eval()
     images = _images()
     compiled = torch.compile(model)
     with torch.no_grad():
         assert torch.allclose(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_autocast_runs_on_cpu():
-    model = CRATE(SMALL).eval()
+def test_bf16_autocast_runs_on_cpu(build):
+    model = build().eval()
     images = _images()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(images)

@@ -69,7 +69,7 @@ def test_dictionary_of_the_wrong_shape_is_refused():
         (lambda: reference.ista_step(Z, D, 0.1, -0.1), "lam must be >= 0"),
         (lambda: reference.attention_energy(Z, Z, temperature=0.0), "temperature must be > 0"),
         (lambda: reference.compression_step(Z, U, 0.1, 0.1, mode="neumann"), "mode must be one of"),
-        (lambda: reference.lasso_objective(Z, Z[:, :3], D, 0.1), "same shape"),
+        (lambda: reference.lasso_objective(Z[:, :3], Z, D, 0.1), "same shape as X"),
     ],
 )
 def test_bad_constants_are_refused(call, message):
