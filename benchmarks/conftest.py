@@ -24,6 +24,12 @@ class Bench:
     def sizes(self) -> list[str]:
         return ["tiny"] if self.smoke else ["tiny", "small", "base"]
 
+    @property
+    def alpha_sizes(self) -> list[str]:
+        """Sizes at which CRATE-α joins CRATE and ViT: B/16 (the published weights' size) in full
+        runs; in smoke mode the tiny one, so that its code runs in `make test`."""
+        return ["tiny"] if self.smoke else ["base"]
+
     def model_kwargs(self) -> dict:
         """Tiny images and depth in smoke mode; the real 224×224 models otherwise."""
         return dict(img_size=32, depth=2) if self.smoke else {}

@@ -1,53 +1,122 @@
 """Print the benchmark tables (Markdown) from a pytest-benchmark JSON file.
 
 python -m benchmarks.report benchmarks/results/cpu-2026-11-26.json
+
+Reads this version's JSON (models grouped by family: CRATE, CRATE-α, ViT) and the earlier one (fast,
+naive and ViT keys of CRATE alone; ISTA forms without ranges).
 """
 
 import argparse
 import json
 from pathlib import Path
 
+FAMILY = {"crate": "CRATE", "crate_alpha": "CRATE-α", "vit": "ViT"}
+KIND = {"fast": "fast", "naive": "naive (released code)"}
 
-def _range(entry: dict, digits: int = 2) -> str:
+
+def _range(entry: dict | float, digits: int = 2) -> str:
+    if not isinstance(entry, dict):  # an earlier JSON: the median alone
+        return f"{entry:.{digits}f}"
     return f"{entry['median']:.{digits}f} ({entry['min']:.{digits}f}–{entry['max']:.{digits}f})"
+
+
+def _throughput_entries(info: dict) -> tuple[list[dict], list[dict]] | None:
+    """(models, ratios) of one interleaved run, from either JSON layout; None if not a throughput run."""
+    if "models" in info:
+        return info["models"], info["ratios"]
+    if "fast_over_naive" not in info:
+        return None
+    models = [dict(info[kind], family=family, kind=kind) for family, kind in _EARLIER_MODELS]
+    ratios = [dict(info[f"fast_over_{other}"], family="crate", fast_over=other) for other in ("naive", "vit")]
+    return models, ratios
+
+
+_EARLIER_MODELS = (("crate", "fast"), ("crate", "naive"), ("vit", "vit"))
 
 
 def throughput_table(benchmarks: list[dict]) -> str:
     lines = [
-        "| size | mode | model | images/s median (min–max) | GFLOP/img | FLOP utilisation "
-        "| peak memory MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| size | mode | family | model | parameters | images/s median (min–max) | GFLOP/img "
+        "| FLOP utilisation | peak memory MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    ratios = ["| size | mode | fast / naive (min–max) | fast / ViT (min–max) |", "|---|---|---|---|"]
+    ratios = [
+        "| size | mode | family | fast / naive (min–max) | fast / ViT (min–max) |",
+        "|---|---|---|---|---|",
+    ]
     for bench in benchmarks:
         info = bench["extra_info"]
-        if "fast_over_naive" not in info:
+        entries = _throughput_entries(info)
+        if entries is None:
             continue
-        for kind in ("fast", "naive", "vit"):
-            model = info[kind]
-            memory = model["peak_memory_mib"]
+        models, run_ratios = entries
+        for model in models:
+            memory, parameters = model["peak_memory_mib"], model.get("parameters")
+            kind = "timm" if model["family"] == "vit" else KIND[model["kind"]]
             lines.append(
-                f"| {info['size']} | {info['mode']} | {kind} | {_range(model['images_per_s'], 1)} | "
-                f"{model['gflops_per_image']:.2f} | {100 * model['utilisation']:.1f}% | "
-                f"{'n/a' if memory is None else f'{memory:.0f}'} |"
+                f"| {info['size']} | {info['mode']} | {FAMILY[model['family']]} | {kind} | "
+                f"{'n/a' if parameters is None else f'{parameters / 1e6:.1f}M'} | "
+                f"{_range(model['images_per_s'], 1)} | {model['gflops_per_image']:.2f} | "
+                f"{100 * model['utilisation']:.1f}% | {'n/a' if memory is None else f'{memory:.0f}'} |"
             )
-        naive, vit = _range(info["fast_over_naive"]), _range(info["fast_over_vit"])
-        ratios.append(f"| {info['size']} | {info['mode']} | {naive} | {vit} |")
+        by_family: dict[str, dict] = {}
+        for ratio in run_ratios:
+            by_family.setdefault(ratio["family"], {})[ratio["fast_over"]] = ratio
+        for family, over in by_family.items():
+            ratios.append(
+                f"| {info['size']} | {info['mode']} | {FAMILY[family]} | "
+                f"{_range(over['naive'])} | {_range(over['vit'])} |"
+            )
     return "\n".join([*lines, "", *ratios])
 
 
+def forms_table(benchmarks: list[dict]) -> str:
+    """The sparse coding blocks' matmul forms: ms per call, GFLOP per call (where recorded), and each
+    form's time over the fast model's form (per-round ratios; >1: the fast form is faster)."""
+    lines = [
+        "| block (shapes) | mode | form | ms per call median (min–max) | GFLOP per call "
+        "| time / fast form, median (min–max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if "milliseconds" not in info:
+            continue
+        block = info.get("block", "ISTA")
+        if "batch" in info:
+            atoms = f", {info['atoms']} atoms" if "atoms" in info else ""
+            shapes = f"{info['model']}: {info['batch']}×{info['tokens']} tokens, d {info['dim']}{atoms}"
+        else:
+            shapes = "CRATE-T"
+        names = list(info["milliseconds"])
+        fast = info.get("fast_form", names[0])
+        over = info.get("time_over_fast") or {
+            name: _median(info["milliseconds"][name]) / _median(info["milliseconds"][fast]) for name in names
+        }
+        gflops = info.get("gflops_per_call", {})
+        for name in names:
+            flops = f"{gflops[name]:.2f}" if name in gflops else "n/a"
+            lines.append(
+                f"| {block} ({shapes}) | {info['mode']} | {name} | {_range(info['milliseconds'][name])} | "
+                f"{flops} | {_range(over[name])} |"
+            )
+    return "\n".join(lines)
+
+
+def _median(entry: dict | float) -> float:
+    return entry["median"] if isinstance(entry, dict) else entry
+
+
 def options_table(benchmarks: list[dict]) -> str:
-    lines = ["| option (CRATE-T) | mode | speed-up over the default, median (min–max) |", "|---|---|---|"]
+    lines = [
+        "| option (CRATE-T; in the run's precision, bf16 autocast against float32) | mode "
+        "| speed-up over the default, median (min–max) |",
+        "|---|---|---|",
+    ]
     for bench in benchmarks:
         info = bench["extra_info"]
         if "option" in info:
             lines.append(f"| {info['option']} | {info['mode']} | {_range(info['speedup'])} |")
-        if "speedup_over_official" in info:
-            times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in info["milliseconds"].items())
-            speedup = info["speedup_over_official"]
-            lines.append(
-                f"| ISTA forms: {times} | {info['mode']} | one matmul over official {speedup:.2f}× |"
-            )
     return "\n".join(lines)
 
 
@@ -66,10 +135,16 @@ def main(argv: list[str] | None = None) -> None:
         ),
         None,
     )
-    print(f"Device: {device}; run {data.get('datetime', '?')}")
+    amp = next(
+        (b["extra_info"]["amp"] for b in benchmarks if b["extra_info"].get("amp") in (True, False)), None
+    )
+    precision = {True: "; bf16 autocast", False: "; float32", None: ""}[amp]
+    print(f"Device: {device}; run {data.get('datetime', '?')}{precision}")
     if peak:
         print(f"Measured matmul peak in this run: {peak:.0f} GFLOP/s\n")
     print(throughput_table(benchmarks))
+    print()
+    print(forms_table(benchmarks))
     print()
     print(options_table(benchmarks))
 

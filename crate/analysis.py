@@ -1,20 +1,34 @@
-"""White-box audit of a CRATE model: does each layer do what the paper says it does?
+"""White-box audit of a CRATE or CRATE-α model: does each layer do what the paper says it does?
 
-For a batch of images, per layer ℓ, all in float64 (math.md §7):
+For a batch of images, per layer ℓ, all in float64 (math.md §7). Both families:
 - compression R^c of the layer's input LN₁(Z^ℓ) and of the stream after its MSSA step LN₁(Z^{ℓ+½}),
   normalised head-tokens (the official tool's convention, ε = 0.1) and raw, and the change;
-- sparsity of the ISTA output Z^{ℓ+1} (fraction of non-zeros);
-- η·‖D‖₂², the ISTA step-size condition (≤ 1 means η ≤ 1/L);
-- the LASSO objective ½‖u − Du‖² + λ‖·‖₁ at the ISTA step's start u = LN₂(Z^{ℓ+½}) (without the
-  non-negativity indicator, which u violates) and at its output;
 - how far each U_k is from orthonormal, max_k ‖U_kᵀU_k − I‖₂, and the coherence between heads,
   max_{j≠k} ‖U_jᵀU_k‖₂ / (‖U_j‖₂‖U_k‖₂).
 
-Pictures: the per-layer figure of the paper (compression and sparsity against depth, with spread),
-the cls token's attention per head over the image, and the PCA of the patch features (first three
-components as RGB), as in "Emergence of Segmentation with Minimalistic White-Box Transformers".
+CRATE (ISTA block, one step warm-started at u = LN₂(Z^{ℓ+½}), square D):
+- sparsity of the ISTA output Z^{ℓ+1} (fraction of non-zeros);
+- η·‖D‖₂², the ISTA step-size condition (≤ 1 means η ≤ 1/L);
+- the LASSO objective ½‖u − Du‖² + λ‖·‖₁ at the ISTA step's start u (without the non-negativity
+  indicator, which u violates) and at its output.
+
+CRATE-α (ODL block, docs/crate-alpha.md §2: two proximal-gradient steps from a = 0 on the
+over-complete LASSO f(a) = ½‖u − Da‖² + λ‖a‖₁ + 𝟙{a ≥ 0}, D ∈ R^{d×m}, m = 4d, decoded by D₁; the
+output stream Z^{ℓ+1} = Z^{ℓ+½} + D₁a₂ is not sparse, because of the residual, so the codes are measured):
+- the codes a₁, a₂ recomputed in float64 by the layer's own ``odl.codes`` (on a float64 copy of D)
+  from u = LN₂(Z^{ℓ+½}); their sparsity (fraction non-zero of the N·m entries);
+- f at the zero start (= ½‖u‖²), after step 1 and after step 2: non-increasing whenever
+  η‖D‖₂² ≤ 2 (the descent theorem), and η·‖D‖₂² itself;
+- the decoder's distance from the encoder, ‖D₁ − D‖_F / ‖D‖_F (0: tied, the LASSO's reconstruction).
+
+Pictures: the per-layer figure of the paper (compression and sparsity against depth, with spread:
+the ISTA output's for CRATE, the codes' for CRATE-α), the cls token's attention per head over the
+image, and the PCA of the patch features (first three components as RGB), as in "Emergence of
+Segmentation with Minimalistic White-Box Transformers".
 """
 
+import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -24,6 +38,7 @@ import torch.nn.functional as F
 
 import reference
 
+from .alpha import AlphaBlock
 from .model import CRATE
 
 EPS = 0.1
@@ -39,7 +54,7 @@ def subspaces(block) -> torch.Tensor:
 
 
 def _orthonormality_gap(U: torch.Tensor) -> float:
-    eye = torch.eye(U.shape[-1], dtype=U.dtype)
+    eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
     return torch.linalg.matrix_norm(U.transpose(-1, -2) @ U - eye, ord=2).max().item()
 
 
@@ -51,7 +66,21 @@ def _coherence(U: torch.Tensor) -> float:
     cross = torch.linalg.matrix_norm(U[:, None].transpose(-1, -2) @ U[None], ord=2) / (
         norms[:, None] * norms[None]
     )
-    return cross[~torch.eye(K, dtype=torch.bool)].max().item()
+    return cross[~torch.eye(K, dtype=torch.bool, device=U.device)].max().item()
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """The small dense decompositions of the weights (SVDs of d × p bases, the d × d Gram) in one CPU
+    thread: threaded LAPACK on 2 busy cores took 40–70× longer than one thread (measured: 66–114 ms
+    against 1.6 ms for the 128 × 128 eigvalsh)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stats(values: torch.Tensor) -> dict:
@@ -60,61 +89,126 @@ def _stats(values: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def audit(model: CRATE, images: torch.Tensor, eps: float = EPS) -> list[dict]:
-    """One JSON-ready dict per layer: per-image quantities as mean/std over the batch."""
+    """One JSON-ready dict per layer: per-image quantities as mean/std over the batch. CRATE-α
+    layers (AlphaBlock) get the ODL block's fields, CRATE layers the ISTA block's (module docstring)."""
     was_training = model.training
     model.eval()
     states = model.forward_intermediates(images, intermediates_only=True, return_layer_states=True)
     model.train(was_training)
-    layers = []
-    for layer, (state, block) in enumerate(zip(states, model.blocks, strict=True)):
-        U, D = subspaces(block), block.ista.weight.double()
-        y_in, y_out = _layer_norm64(state.input, block.norm1), _layer_norm64(state.mssa, block.norm1)
-        u = _layer_norm64(state.mssa, block.norm2)
-        output = state.ista.double()
-        eta, lam = block.ista.eta, block.ista.lam
-        compression = {
-            name: reference.compression_rate(y, U, eps, normalize=normalize)
-            for name, y, normalize in [
-                ("in", y_in, True),
-                ("out", y_out, True),
-                ("raw_in", y_in, False),
-                ("raw_out", y_out, False),
-            ]
-        }
-        lasso_start = reference.lasso_data_term(u, u, D) + lam * u.abs().sum((-2, -1))
-        lasso_end = reference.lasso_objective(output, u, D, lam)
-        layers.append(
-            dict(
-                layer=layer,
-                compression_in=_stats(compression["in"]),
-                compression_out=_stats(compression["out"]),
-                compression_change=_stats(compression["out"] - compression["in"]),
-                raw_compression_in=_stats(compression["raw_in"]),
-                raw_compression_out=_stats(compression["raw_out"]),
-                nonzero=_stats((state.ista != 0).double().mean((-2, -1))),
-                eta_lipschitz=eta * torch.linalg.matrix_norm(D, ord=2).item() ** 2,
-                lasso_start=_stats(lasso_start),
-                lasso_end=_stats(lasso_end),
-                orthonormality_gap=_orthonormality_gap(U),
-                head_coherence=_coherence(U),
-            )
-        )
-    return layers
+    return [
+        (_alpha_layer if isinstance(block, AlphaBlock) else _crate_layer)(layer, state, block, eps)
+        for layer, (state, block) in enumerate(zip(states, model.blocks, strict=True))
+    ]
+
+
+def _compression(state, block, eps: float) -> tuple[torch.Tensor, dict]:
+    """(U, per-image R^c of the MSSA step's input and output, normalised and raw)."""
+    U = subspaces(block)
+    y_in, y_out = _layer_norm64(state.input, block.norm1), _layer_norm64(state.mssa, block.norm1)
+    compression = {
+        name: reference.compression_rate(y, U, eps, normalize=normalize)
+        for name, y, normalize in [
+            ("in", y_in, True),
+            ("out", y_out, True),
+            ("raw_in", y_in, False),
+            ("raw_out", y_out, False),
+        ]
+    }
+    return U, compression
+
+
+def _compression_fields(compression: dict) -> dict:
+    return dict(
+        compression_in=_stats(compression["in"]),
+        compression_out=_stats(compression["out"]),
+        compression_change=_stats(compression["out"] - compression["in"]),
+        raw_compression_in=_stats(compression["raw_in"]),
+        raw_compression_out=_stats(compression["raw_out"]),
+    )
+
+
+def _crate_layer(layer: int, state, block, eps: float) -> dict:
+    U, compression = _compression(state, block, eps)
+    D = block.ista.weight.double()
+    u = _layer_norm64(state.mssa, block.norm2)
+    output = state.ista.double()
+    eta, lam = block.ista.eta, block.ista.lam
+    lasso_start = reference.lasso_data_term(u, u, D) + lam * u.abs().sum((-2, -1))
+    lasso_end = reference.lasso_objective(output, u, D, lam)
+    with _one_thread(D.device):
+        eta_lipschitz = eta * torch.linalg.matrix_norm(D, ord=2).item() ** 2
+        gap, coherence = _orthonormality_gap(U), _coherence(U)
+    return dict(
+        layer=layer,
+        **_compression_fields(compression),
+        nonzero=_stats((state.ista != 0).double().mean((-2, -1))),
+        eta_lipschitz=eta_lipschitz,
+        lasso_start=_stats(lasso_start),
+        lasso_end=_stats(lasso_end),
+        orthonormality_gap=gap,
+        head_coherence=coherence,
+    )
+
+
+def alpha_codes(block: AlphaBlock, z_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u, a₁, a₂) in float64 for a CRATE-α layer whose stream after MSSA is ``z_half``: u = LN₂(z_half),
+    and the codes of the layer's own ``odl.codes`` run on a float64 copy of the block (D, D₁, η, λ)."""
+    odl = copy.deepcopy(block.odl).double()
+    u = _layer_norm64(z_half, block.norm2)
+    a1, a2 = odl.codes(u)
+    return u, a1, a2
+
+
+def _alpha_layer(layer: int, state, block: AlphaBlock, eps: float) -> dict:
+    U, compression = _compression(state, block, eps)
+    D, D1 = block.odl.D.double(), block.odl.D1.double()
+    eta, lam = block.odl.eta, block.odl.lam
+    u, a1, a2 = alpha_codes(block, state.mssa)
+    with _one_thread(D.device):
+        eta_lipschitz = eta * _spectral_norm_squared(D)
+        gap, coherence = _orthonormality_gap(U), _coherence(U)
+    return dict(
+        layer=layer,
+        **_compression_fields(compression),
+        nonzero_a1=_stats((a1 != 0).double().mean((-2, -1))),
+        nonzero_a2=_stats((a2 != 0).double().mean((-2, -1))),
+        eta_lipschitz=eta_lipschitz,
+        lasso_start=_stats(reference.lasso_objective(torch.zeros_like(a1), u, D, lam)),
+        lasso_step1=_stats(reference.lasso_objective(a1, u, D, lam)),
+        lasso_step2=_stats(reference.lasso_objective(a2, u, D, lam)),
+        decoder_drift=((D1 - D).norm() / D.norm()).item(),  # Frobenius
+        orthonormality_gap=gap,
+        head_coherence=coherence,
+    )
+
+
+def _spectral_norm_squared(D: torch.Tensor) -> float:
+    """‖D‖₂² = the largest eigenvalue of the smaller Gram, DDᵀ (d × d) for CRATE-α's d × 4d D. On 2 busy
+    cores matrix_norm(ord=2) of the wide 128 × 512 D took over a second, this 2 ms (in one thread)."""
+    gram = D @ D.T if D.shape[0] <= D.shape[1] else D.T @ D
+    return torch.linalg.eigvalsh(gram)[-1].item()
+
+
+def is_alpha(layers: list[dict]) -> bool:
+    """Whether audit rows are CRATE-α's (ODL fields) rather than CRATE's (ISTA fields)."""
+    return bool(layers) and "nonzero_a2" in layers[0]
+
+
+def _pm(entry: dict, digits: int = 2) -> str:
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
 def markdown_table(layers: list[dict]) -> str:
+    if is_alpha(layers):
+        return _alpha_markdown_table(layers)
     header = (
         "| layer | R^c in | R^c after MSSA | change | raw R^c in → out | non-zero | η‖D‖² "
         "| LASSO start → end | ‖UᵀU − I‖ | coherence |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-
-    def pm(entry: dict, digits: int = 2) -> str:
-        return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
-
     rows = [
-        f"| {r['layer']} | {pm(r['compression_in'])} | {pm(r['compression_out'])} | "
+        f"| {r['layer']} | {_pm(r['compression_in'])} | {_pm(r['compression_out'])} | "
         f"{r['compression_change']['mean']:+.2f} | {r['raw_compression_in']['mean']:.1f} → "
-        f"{r['raw_compression_out']['mean']:.1f} | {pm(r['nonzero'], 3)} | {r['eta_lipschitz']:.3f} | "
+        f"{r['raw_compression_out']['mean']:.1f} | {_pm(r['nonzero'], 3)} | {r['eta_lipschitz']:.3f} | "
         f"{r['lasso_start']['mean']:.1f} → {r['lasso_end']['mean']:.1f} | {r['orthonormality_gap']:.2f} | "
         f"{r['head_coherence']:.2f} |"
         for r in layers
@@ -122,10 +216,52 @@ def markdown_table(layers: list[dict]) -> str:
     return "\n".join([header, *rows])
 
 
+ALPHA_LEGEND = (
+    "non-zero a₁, a₂: fraction of the m = 4d codes that are non-zero after the ODL block's first and "
+    "second step (the output stream is not sparse: it adds D₁a₂ to Z^{ℓ+½}). LASSO: f(a) = ½‖u − Da‖² + "
+    "λ‖a‖₁ + 𝟙{a ≥ 0}, u = LN₂(Z^{ℓ+½}), per image (summed over tokens), at a = 0, a₁, a₂; it cannot "
+    "increase while η‖D‖₂² ≤ 2. ‖D₁ − D‖/‖D‖: the decoder's distance from the encoder (Frobenius)."
+)
+
+
+def _alpha_markdown_table(layers: list[dict]) -> str:
+    header = (
+        "| layer | R^c in | R^c after MSSA | change | raw R^c in → out | non-zero a₁ | non-zero a₂ | η‖D‖² "
+        "| LASSO f(0) → f(a₁) → f(a₂) | ‖D₁ − D‖/‖D‖ | ‖UᵀU − I‖ | coherence |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {r['layer']} | {_pm(r['compression_in'])} | {_pm(r['compression_out'])} | "
+        f"{r['compression_change']['mean']:+.2f} | {r['raw_compression_in']['mean']:.1f} → "
+        f"{r['raw_compression_out']['mean']:.1f} | {_pm(r['nonzero_a1'], 3)} | {_pm(r['nonzero_a2'], 3)} | "
+        f"{r['eta_lipschitz']:.3f} | {r['lasso_start']['mean']:.1f} → {r['lasso_step1']['mean']:.1f} → "
+        f"{r['lasso_step2']['mean']:.1f} | {r['decoder_drift']:.3f} | {r['orthonormality_gap']:.2f} | "
+        f"{r['head_coherence']:.2f} |"
+        for r in layers
+    ]
+    return "\n".join([header, *rows])
+
+
 def format_table(summary: list[dict]) -> str:
+    """The console table: compression before/after each MSSA step and the sparsity (CRATE: of the
+    ISTA output; CRATE-α: of the codes a₂, with the LASSO before and after the ODL block)."""
+
     def stat(entry: dict) -> str:
         return f"{entry['mean']:9.3f} ± {entry['std']:7.3f}"
 
+    if is_alpha(summary):
+        header = (
+            f"{'layer':>5} | {'R^c in (LN1 Z^l)':>19} | {'R^c after MSSA':>19} | "
+            f"{'change':>8} | {'non-zero codes a2':>19} | {'LASSO f(0) -> f(a2)':>21}"
+        )
+        lines = [header, "-" * len(header)]
+        for row in summary:
+            lasso = f"{row['lasso_start']['mean']:.1f} -> {row['lasso_step2']['mean']:.1f}"
+            lines.append(
+                f"{row['layer']:>5} | {stat(row['compression_in'])} | {stat(row['compression_out'])} | "
+                f"{row['compression_change']['mean']:+8.3f} | {stat(row['nonzero_a2'])} | {lasso:>21}"
+            )
+        return "\n".join(lines)
     lines = [
         f"{'layer':>5} | {'R^c in (LN1 Z^l)':>19} | {'R^c after MSSA':>19} | "
         f"{'change':>8} | {'non-zero':>17}",
@@ -140,7 +276,8 @@ def format_table(summary: list[dict]) -> str:
 
 
 def plot_layers(layers: list[dict], path: Path, title: str = "") -> Path:
-    """The paper's layer-wise figure: compression (before/after MSSA) and sparsity against depth."""
+    """The paper's layer-wise figure: compression (before/after MSSA) and sparsity against depth
+    (CRATE: of the ISTA output Z^{ℓ+1}; CRATE-α: of the ODL codes a₂, and a₁ dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,10 +298,23 @@ def plot_layers(layers: list[dict], path: Path, title: str = "") -> Path:
         left.fill_between(depth, mean - std, mean + std, color=color, alpha=0.2)
     left.set(xlabel="layer ℓ", ylabel="R^c (normalised, ε = 0.1)", title="compression")
     left.legend()
-    mean, std = series("nonzero")
-    right.plot(depth, mean, "o-", color="tab:green")
-    right.fill_between(depth, mean - std, mean + std, color="tab:green", alpha=0.2)
-    right.set(xlabel="layer ℓ", ylabel="‖Z^{ℓ+1}‖₀ / (N·d)", title="sparsity (fraction non-zero)")
+    if is_alpha(layers):
+        for key, label, style, color in [
+            ("nonzero_a2", "codes a₂ (the block's output codes)", "o-", "tab:green"),
+            ("nonzero_a1", "codes a₁ (after the first step)", "s--", "tab:olive"),
+        ]:
+            mean, std = series(key)
+            right.plot(depth, mean, style, color=color, label=label)
+            right.fill_between(depth, mean - std, mean + std, color=color, alpha=0.2)
+        right.set(
+            xlabel="layer ℓ", ylabel="‖a‖₀ / (N·4d)", title="sparsity of the ODL codes (fraction non-zero)"
+        )
+        right.legend()
+    else:
+        mean, std = series("nonzero")
+        right.plot(depth, mean, "o-", color="tab:green")
+        right.fill_between(depth, mean - std, mean + std, color="tab:green", alpha=0.2)
+        right.set(xlabel="layer ℓ", ylabel="‖Z^{ℓ+1}‖₀ / (N·d)", title="sparsity (fraction non-zero)")
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -260,8 +410,9 @@ def write_report(
     paths["json"].write_text(
         json.dumps(dict(title=title, eps=EPS, images=len(images), layers=layers), indent=2)
     )
+    legend = f"\n{ALPHA_LEGEND}\n" if is_alpha(layers) else ""
     paths["markdown"].write_text(
-        f"# White-box audit{': ' + title if title else ''}\n\n{markdown_table(layers)}\n"
+        f"# White-box audit{': ' + title if title else ''}\n\n{markdown_table(layers)}\n{legend}"
     )
     paths["layers"] = plot_layers(layers, output / "layers.png", title)
     paths["attention"] = plot_attention(

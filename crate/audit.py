@@ -1,11 +1,13 @@
-"""`crate audit CHECKPOINT`: the white-box audit (crate.analysis) of a trained model.
+"""`crate audit CHECKPOINT`: the white-box audit (crate.analysis) of a trained CRATE or CRATE-α.
 
     crate audit runs/demo-crate_mini_patch4_28                     # a run folder (model from config.json)
     crate audit crate_tiny.pth --model crate_tiny_patch16_224 --data /data/imagenet/val
+    crate audit crate_alpha_B16.pth --model crate_alpha_base_patch16_224 --data /data/imagenet/val
     crate audit run/checkpoint-00005616 --data fashion-mnist --images 128
 
-CHECKPOINT is a run folder, a checkpoint folder (model.safetensors), a .safetensors file or an
-official .pth state dict. --data is "fashion-mnist" or a folder of images (searched recursively).
+CHECKPOINT is a run folder, a checkpoint folder (model.safetensors), a .safetensors file or a .pth
+state dict in a released layout (Ma-Lab-Berkeley/CRATE or UCSC-VLAA/CRATE-alpha key names).
+--data is "fashion-mnist" or a folder of images (searched recursively).
 Writes audit.json, audit.md, layers.png and attention.png and prints the table.
 """
 
@@ -19,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from . import analysis, checkpoint
+from .alpha import CRATEAlpha
 from .data import FashionMNIST
-from .model import convert_official_state_dict
+from .model import CRATE, convert_official_state_dict
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -42,11 +45,33 @@ def load_model(path: Path, model_name: str | None = None) -> tuple[torch.nn.Modu
     if path.suffix == ".safetensors":
         state = load_file(path)
     else:
-        state = convert_official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = convert_official_state_dict(state)  # released key names -> this project's
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     model = timm.create_model(model_name, num_classes=num_classes)
+    _check_family(state, model, path, model_name)
     model.load_state_dict(convert_official_state_dict(state, model), strict=True)
     return model.eval(), model_name
+
+
+def _check_family(state: dict, model: torch.nn.Module, path: Path, model_name: str) -> None:
+    """A CRATE-α checkpoint (ODL dictionaries blocks.*.odl.D/D1) needs a crate_alpha_* model and a
+    CRATE checkpoint (ISTA dictionaries blocks.*.ista.weight) a crate_* one: say so before the
+    key-by-key mismatch list."""
+    if not isinstance(model, CRATE):
+        return
+    holds_alpha = any(".odl." in key for key in state)
+    holds_crate = any(".ista." in key for key in state)
+    if holds_alpha and not isinstance(model, CRATEAlpha):
+        raise ValueError(
+            f"{path} holds CRATE-α weights (ODL dictionaries D, D1), but --model {model_name} is a CRATE; "
+            "name a crate_alpha_* model of the checkpoint's size (e.g. crate_alpha_base_patch16_224)"
+        )
+    if holds_crate and isinstance(model, CRATEAlpha):
+        raise ValueError(
+            f"{path} holds CRATE weights (ISTA dictionaries), but --model {model_name} is a CRATE-α; "
+            "name a crate_* model of the checkpoint's size (e.g. crate_base_patch16_224)"
+        )
 
 
 def load_images(data: str, model: torch.nn.Module, count: int) -> torch.Tensor:

@@ -1,10 +1,14 @@
 """`make demo`: train the small CRATE on the full Fashion-MNIST on the CPU, then report its test
 accuracy, the wall time and the per-layer white-box table (compression before and after each MSSA
-step, sparsity after each ISTA step), and write the audit (crate.analysis: JSON,
-Markdown, the layer-wise plot and the attention maps) into the run folder.
+step, sparsity after each ISTA step; for CRATE-α the sparsity of the ODL codes and the LASSO before
+and after the block), and write the audit (crate.analysis: JSON, Markdown, the layer-wise plot and
+the attention maps) into the run folder.
 
-    python -m crate.demo                              # crate_mini_patch4_28, the fashion-mnist preset
-    python -m crate.demo --model vit_mini_patch4_28   # the same recipe on a ViT of the same size
+    python -m crate.demo                                      # crate_mini_patch4_28, the fashion-mnist preset
+    python -m crate.demo --model crate_alpha_mini_patch4_28   # the same recipe on CRATE-α of the same size
+    python -m crate.demo --model vit_mini_patch4_28           # ... and on a ViT of the same size
+
+Any other option goes to `crate train` (e.g. ``--epochs 1 --train-subset 512`` for a quick look).
 """
 
 import argparse
@@ -17,7 +21,7 @@ from pathlib import Path
 from . import analysis
 from .audit import load_images, load_model
 from .model import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from .train import resolve_config, train
+from .train import TrainConfig, resolve_config, train
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,6 +71,8 @@ def _completed_run(output: Path, config) -> dict | None:
         summary = json.loads((output / "summary.json").read_text())
     except (OSError, ValueError):
         return None
+    # an option added since the run was saved counts with its default (which keeps the old behaviour)
+    saved_config = dataclasses.asdict(TrainConfig()) | saved_config
     return summary if saved_config == dataclasses.asdict(config) else None
 
 
@@ -78,8 +84,16 @@ def _report(summary: dict, output: Path) -> None:
         f"{summary['epochs']} epochs, {summary['wall_s']:.0f} s wall time"
     )
     if "whitebox" in result:
-        print("\nPer-layer white-box measurements on 64 test images (mean ± std over images):")
-        print(analysis.format_table(result["whitebox"]))
+        layers = result["whitebox"]
+        images = result.get("whitebox_images", 64)
+        print(f"\nPer-layer white-box measurements on {images} test images (mean ± std over images):")
+        if analysis.is_alpha(layers):
+            print(
+                "(CRATE-α: non-zero fraction of the ODL codes a2, m = 4d wide; the output stream adds "
+                "D1·a2 to the residual and is not sparse. LASSO per image: at the zero start and after "
+                "the block's two steps)"
+            )
+        print(analysis.format_table(layers))
     print(f"\nrun folder: {output} (config.json, metrics.jsonl, checkpoints, summary.json)")
 
 

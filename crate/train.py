@@ -1,7 +1,9 @@
-"""Train CRATE (or any timm model) on ImageNet or on the built-in Fashion-MNIST.
+"""Train CRATE, CRATE-α (or any timm model) on ImageNet or on the built-in Fashion-MNIST.
 
     crate train --preset fashion-mnist                                   # the CPU demo (make demo)
+    crate train --preset fashion-mnist --model crate_alpha_mini_patch4_28   # the same, CRATE-α
     crate train --preset paper --data /data/imagenet                     # one GPU, the paper's recipe
+    crate train --preset alpha-finetune --data /data/imagenet            # CRATE-α-B/16: IN-21K -> IN-1K
     torchrun --standalone --nproc_per_node=8 -m crate.train --preset paper --data /data/imagenet
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         -m crate.train --preset paper --data /data/imagenet              # two nodes, run on each
@@ -9,7 +11,11 @@
 Every preset value can be overridden (``--lr 1e-3``, ``--model crate_small_patch16_224``); the resolved
 configuration is saved as config.json in the run folder. ``--resume`` continues a run exactly from its
 latest checkpoint. Batch sizes are global; the learning rate is given at ``lr_batch`` and scaled
-linearly to the global batch.
+linearly to the global batch. The class count comes from the dataset (Fashion-MNIST: 10; ImageNet:
+the class folders of train/). ``--pretrained`` starts from timm's weights for the model name (a tag
+picks them: ``crate_alpha_base_patch16_224.in21k``) or from ``--pretrained-file PATH`` (any
+checkpoint this project or the releases wrote; nothing is downloaded then); a classifier of another
+class count is dropped and a new one initialised.
 """
 
 import argparse
@@ -41,7 +47,7 @@ from tqdm import tqdm
 
 from . import analysis, checkpoint
 from .data import FashionMNIST, ImageFolderSkippingCorrupt, collate_skipping_none
-from .model import CRATE
+from .model import CRATE, convert_official_state_dict
 
 log = logging.getLogger("crate.train")
 
@@ -49,7 +55,9 @@ log = logging.getLogger("crate.train")
 @dataclass
 class TrainConfig:
     preset: str = "fashion-mnist"
-    model: str = "crate_mini_patch4_28"  # any timm model name; crate_* are registered by `import crate`
+    model: str = "crate_mini_patch4_28"  # any timm model name (crate_*, crate_alpha_*: `import crate`)
+    pretrained: bool = False  # start from the model's published weights (timm; a tag picks them)
+    pretrained_file: str | None = None  # ... or from this checkpoint (.pth/.safetensors), with --pretrained
     dataset: str = "fashion-mnist"  # "fashion-mnist" or "imagenet" (a folder with train/ and val/)
     data: str | None = None  # dataset folder (fashion-mnist: default from crate.data)
     output: str = "runs/fashion-mnist"  # run folder: config.json, metrics.jsonl, checkpoints
@@ -61,6 +69,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     opt: str = "adamw"  # timm optimizer name: adamw, lion, ...
+    opt_betas: str | None = None  # "beta1,beta2", e.g. "0.9,0.95" (None or "": the optimizer's default)
     label_smoothing: float = 0.1
     mixup: float = 0.0  # Mixup alpha (0: off)
     cutmix: float = 0.0  # CutMix alpha (0: off)
@@ -127,6 +136,75 @@ PRESETS = {
         workers=8,
         checkpoint_every=1000,
     ),
+    # CRATE-α (docs/crate-alpha.md §6): the release's JAX configs (UCSC-VLAA/CRATE-alpha,
+    # configs/crate/classification/{fine_tuning_in1k,pre_training_in21k}.py), at batch 4096 with the lr
+    # given at batch 256. Not reproduced here, in both stages:
+    # - the release keeps Adam's first moment in bf16 (optax scale_by_adam(mu_dtype=bfloat16)); here it
+    #   is float32;
+    # - it decays only the kernels of Dense/Conv layers (names ending "/kernel": qkv, W_out, patch
+    #   embedding, head), not the dictionaries D, D₁; timm's rule here decays every parameter of two or
+    #   more dimensions but pos_embed and cls_token, so D and D₁ too;
+    # - its warm-up rises linearly from 0, timm's from lr·1e-3; its eval resize is "area" (here bilinear);
+    # - its RandAugment is its own TF port of timm's (15 ops, no Cutout; apply probability 0.5,
+    #   magnitude N(9, 0.5²), increasing ops); here timm's own "rand-m9-n2-mstd0.5-inc1", whose op set
+    #   differs slightly; its label smoothing puts 0.9 (not 0.9 + 0.1/1000) on the true class.
+    "alpha-finetune": dict(  # ImageNet-1K fine-tuning of the ImageNet-21K pre-trained CRATE-α-B/16
+        model="crate_alpha_base_patch16_224.in21k",
+        pretrained=True,
+        # The release does not load the patch embedding's kernel (dont_load: head/*, embedding/kernel)
+        # and trains it anew from its random init; here it is loaded with the rest. The head (19,167
+        # classes) is dropped because the class count differs.
+        dataset="imagenet",
+        output="runs/imagenet-alpha-finetune",
+        epochs=91,
+        batch_size=4096,
+        lr=1e-5,  # at batch 256: 1.6e-4 at 4096
+        lr_batch=256,
+        min_lr=1e-6,
+        warmup_epochs=10,
+        weight_decay=0.1,  # decoupled and scaled by the lr, as optax's add_decayed_weights before scale(lr)
+        opt="adamw",
+        opt_betas="0.9,0.95",
+        grad_clip=1.0,
+        label_smoothing=0.1,
+        mixup=0.8,
+        cutmix=1.0,  # timm's Mixup switches between the two with probability 0.5, as the release
+        auto_augment="rand-m9-n2-mstd0.5-inc1",  # randaug(2, 9, increase=True, timm=True)
+        reprob=0.0,
+        drop_path=0.0,
+        workers=8,
+        checkpoint_every=1000,
+    ),
+    "alpha-pretrain": dict(  # ImageNet-21K pre-training of CRATE-α-B/16, from scratch
+        # --data: ImageNet-21K (19,167 classes in the release) in the ImageFolder layout, with a val/
+        # split holding the same class folders. The initialisation is the PyTorch port's (crate/alpha.py:
+        # position embedding and cls token standard normal, PyTorch's Linear defaults, D and D₁
+        # U(±√(6/4d))), not the JAX training code's (models/crate.py: position embedding N(0, 0.02²), cls
+        # token N(0, 1e-6²), qkv, W_out and head N(0, 0.02²) with zero biases, and flax's kaiming_uniform
+        # on the (d, 4d) dictionaries, whose fan-in is d: U(±√(6/d)), so η‖D‖₂² ≈ 1.8 at init, not 0.45).
+        model="crate_alpha_base_patch16_224",
+        pretrained=False,
+        dataset="imagenet",
+        output="runs/imagenet21k-alpha-pretrain",
+        epochs=91,
+        batch_size=4096,
+        lr=5e-5,  # at batch 256: 8e-4 at 4096
+        lr_batch=256,
+        min_lr=1e-6,
+        warmup_epochs=10,
+        weight_decay=0.1,
+        opt="adamw",
+        opt_betas="0.9,0.95",
+        grad_clip=1.0,
+        label_smoothing=0.0,
+        mixup=0.8,
+        cutmix=1.0,
+        auto_augment=None,
+        reprob=0.0,
+        drop_path=0.0,
+        workers=8,
+        checkpoint_every=1000,
+    ),
 }
 
 
@@ -143,7 +221,36 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     preset = args.get("preset", TrainConfig.preset)
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TrainConfig(**(PRESETS[preset] | args))
+    config = TrainConfig(**(PRESETS[preset] | args))
+    try:
+        check_config(config)
+    except ValueError as error:
+        parser.error(str(error))
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Options that cannot work together or cannot be parsed: a ValueError saying what was expected."""
+    opt_betas(config)
+    if config.pretrained_file and not config.pretrained:
+        raise ValueError(
+            f"--pretrained-file {config.pretrained_file} is read only with --pretrained: add --pretrained "
+            "(or leave out --pretrained-file to train from a random initialisation)"
+        )
+
+
+def opt_betas(config: TrainConfig) -> tuple[float, float] | None:
+    """--opt-betas "beta1,beta2" as a tuple, None for the optimizer's default."""
+    if config.opt_betas is None or not config.opt_betas.strip():
+        return None
+    expected = 'two comma-separated numbers in [0, 1), e.g. "0.9,0.95"'
+    try:
+        betas = tuple(float(value) for value in config.opt_betas.split(","))
+    except ValueError:
+        raise ValueError(f"--opt-betas must be {expected}, got {config.opt_betas!r}") from None
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise ValueError(f"--opt-betas must be {expected}, got {config.opt_betas!r}")
+    return betas
 
 
 # -- distributed -------------------------------------------------------------------------------------
@@ -187,13 +294,7 @@ def build_datasets(config: TrainConfig, model: torch.nn.Module) -> tuple[Dataset
         )
         test = FashionMNIST(config.data, "test", mean=data_config["mean"], std=data_config["std"])
     elif config.dataset == "imagenet":
-        root = Path(config.data or "")
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise FileNotFoundError(
-                    f"ImageNet not found: {root / split} is not a folder. Pass --data with a folder holding "
-                    "train/ and val/ in torchvision's ImageFolder layout (one sub-folder per class)"
-                )
+        root = _imagenet_root(config)
         train_transform = timm.data.create_transform(
             **data_config,
             is_training=True,
@@ -203,13 +304,98 @@ def build_datasets(config: TrainConfig, model: torch.nn.Module) -> tuple[Dataset
         )
         train = ImageFolderSkippingCorrupt(root / "train", train_transform)
         test = ImageFolderSkippingCorrupt(root / "val", timm.data.create_transform(**data_config))
+        if test.classes != train.classes:
+            only_train = sorted(set(train.classes) - set(test.classes))
+            only_val = sorted(set(test.classes) - set(train.classes))
+            raise ValueError(
+                f"{root / 'val'} and {root / 'train'} must hold the same class folders (the labels are their "
+                f"sorted order); only in train/: {only_train[:5]}{' ...' if len(only_train) > 5 else ''}, "
+                f"only in val/: {only_val[:5]}{' ...' if len(only_val) > 5 else ''}"
+            )
     else:
-        raise ValueError(f"dataset must be 'fashion-mnist' or 'imagenet', got {config.dataset!r}")
+        raise ValueError(_DATASET_ERROR.format(config.dataset))
     if config.train_subset:
         train = _subset(train, config.train_subset)
     if config.eval_subset:
         test = _subset(test, config.eval_subset)
     return train, test
+
+
+_DATASET_ERROR = "dataset must be 'fashion-mnist' or 'imagenet', got {!r}"
+
+
+def _imagenet_root(config: TrainConfig) -> Path:
+    root = Path(config.data or "")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(
+                f"ImageNet not found: {root / split} is not a folder. Pass --data with a folder holding "
+                "train/ and val/ in torchvision's ImageFolder layout (one sub-folder per class)"
+            )
+    return root
+
+
+def dataset_classes(config: TrainConfig) -> int:
+    """The task's class count: 10 for Fashion-MNIST, the class folders of train/ for ImageNet."""
+    if config.dataset == "fashion-mnist":
+        return 10
+    if config.dataset == "imagenet":
+        from torchvision.datasets.folder import find_classes
+
+        return len(find_classes(str(_imagenet_root(config) / "train"))[0])
+    raise ValueError(_DATASET_ERROR.format(config.dataset))
+
+
+# -- model -------------------------------------------------------------------------------------------
+def build_model(config: TrainConfig, load_weights: bool = True) -> torch.nn.Module:
+    """timm.create_model(config.model) with the dataset's class count and the drop-path rate; with
+    --pretrained (and ``load_weights``: a resumed run skips them), the model's published weights or
+    --pretrained-file (converted from the released layouts by the registry's filter), the classifier
+    dropped when its class count differs."""
+    check_config(config)
+    kwargs = dict(drop_path_rate=config.drop_path, num_classes=dataset_classes(config))
+    if config.pretrained and load_weights:
+        kwargs["pretrained"] = True
+        if config.pretrained_file:
+            path = Path(config.pretrained_file)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"--pretrained-file {path}: no such file (expected a .pth or .safetensors state dict)"
+                )
+            # timm drops the classifier when the model's class count differs from the cfg's: the
+            # cfg's is the file's here, not the one the model name's default weights have
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(path), num_classes=checkpoint_classes(path))
+        else:
+            cfg = timm.models.get_pretrained_cfg(config.model)
+            if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
+                raise ValueError(
+                    f"--pretrained: timm has no published weights for {config.model} (its pretrained cfg "
+                    "names no URL, Hub repository or file); pass --pretrained-file PATH with a checkpoint, "
+                    "choose a model name with weights (e.g. crate_alpha_base_patch16_224.in21k), or leave "
+                    "out --pretrained"
+                )
+    return timm.create_model(config.model, **kwargs)
+
+
+def checkpoint_classes(path: Path) -> int:
+    """The class count of a checkpoint's classifier (0 when it has none), read without loading it all:
+    safetensors headers, or a memory-mapped torch.load."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            state = {
+                key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()
+            }
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    state = convert_official_state_dict(state)
+    head = state.get("head.weight")
+    return int(head.shape[0]) if head is not None else 0
 
 
 def _subset(dataset: Dataset, size: int) -> Dataset:
@@ -286,7 +472,7 @@ def train(config: TrainConfig) -> dict:
         (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     _seed_everything(config.seed)  # the same initial model (and EMA) on every rank
 
-    model = timm.create_model(config.model, drop_path_rate=config.drop_path, **_num_classes(config))
+    model = build_model(config, load_weights=not config.resume)  # resuming restores every weight
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -321,7 +507,15 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
 
     lr = config.lr * config.batch_size / config.lr_batch
-    optimizer = timm.optim.create_optimizer_v2(model, config.opt, lr=lr, weight_decay=config.weight_decay)
+    betas = opt_betas(config)
+    optimizer = timm.optim.create_optimizer_v2(
+        model, config.opt, lr=lr, weight_decay=config.weight_decay, **({"betas": betas} if betas else {})
+    )
+    if betas is not None and "betas" not in optimizer.param_groups[0]:  # timm drops unknown arguments
+        raise ValueError(
+            f"--opt-betas {config.opt_betas}: optimizer {config.opt!r} ({type(optimizer).__name__}) takes no "
+            "betas; leave out --opt-betas or choose an optimizer with betas (adamw, adam, lion, ...)"
+        )
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer,
         "cosine",
@@ -464,7 +658,8 @@ def _evaluate_and_report(
     evaluated = ema.module if ema is not None else model
     result = dict(step=step, epoch=step / steps_per_epoch, **evaluate(evaluated, loader, device, autocast))
     result["train_time_s"] = time.perf_counter() - start_time
-    if isinstance(evaluated, CRATE):
+    if isinstance(evaluated, CRATE):  # CRATE and CRATE-α (a subclass): crate.analysis.audit's fields
+        result["whitebox_images"] = len(telemetry_images)
         result["whitebox"] = analysis.audit(evaluated, telemetry_images.to(device))
     _write(metrics_file, result)
     return result
@@ -475,10 +670,6 @@ def _summary(result: dict) -> str:
         f"epoch {result['epoch']:.2f}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"eval loss {result['eval_loss']:.4f}  ({result['train_time_s']:.0f} s)"
     )
-
-
-def _num_classes(config: TrainConfig) -> dict:
-    return dict(num_classes=10) if config.dataset == "fashion-mnist" else {}
 
 
 def _autocast(config: TrainConfig, device: torch.device):

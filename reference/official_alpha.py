@@ -116,16 +116,23 @@ def official_alpha_state_dict_shapes(
 
 def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
     """Every size but the head count, read from the shapes of five anchor keys."""
-    anchors = (
-        "conv1.weight",
-        "pos_embedding",
-        "transformer.layers.0.0.fn.qkv.weight",
-        "transformer.layers.0.1.fn.D",
-        "mlp_head.1.weight",
-    )
+    anchors = {  # key: its number of dimensions
+        "conv1.weight": 4,
+        "pos_embedding": 3,
+        "transformer.layers.0.0.fn.qkv.weight": 2,
+        "transformer.layers.0.1.fn.D": 2,
+        "mlp_head.1.weight": 2,
+    }
     missing = [key for key in anchors if key not in state_dict]
     if missing:
         raise KeyError(f"state dict lacks {missing}: the CRATE-α model's sizes are read from these keys")
+    for key, ndim in anchors.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor) or value.ndim != ndim:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"key {key!r} must be a {ndim}-dimensional tensor (sizes are read from it), got {got}"
+            )
     dim, channels, patch_size, _ = state_dict["conv1.weight"].shape
     inner_dim = state_dict["transformer.layers.0.0.fn.qkv.weight"].shape[0]
     if heads < 1 or inner_dim % heads:
@@ -201,6 +208,8 @@ class OfficialCRATEAlpha(nn.Module):
         H, W = images.shape[-2:]
         if H % P or W % P:
             raise ValueError(f"image size {H}×{W} is not divisible by the patch size {P}")
+        if H == 0 or W == 0:
+            raise ValueError(f"image size {H}×{W} has no patches of {P}×{P}")
         max_patches = self.pos_embedding.shape[1] - 1
         if (H // P) * (W // P) > max_patches:
             raise ValueError(

@@ -7,7 +7,13 @@ closed-form gradient appears here: verification/ compares these autograd results
 
 import torch
 
-from ._checks import require_dictionary, require_nonnegative, require_positive, require_tokens
+from ._checks import (
+    require_dictionary,
+    require_float64,
+    require_nonnegative,
+    require_positive,
+    require_tokens,
+)
 from .objective import compression_rate, compression_rate_taylor2, compression_surrogate, lasso_data_term
 
 COMPRESSION_MODES = ("exact", "taylor2", "softmax")
@@ -65,12 +71,14 @@ def proximal_gradient_steps(
     require_dictionary(D, X.shape[-1], square=False)
     require_positive("eta", eta)
     require_nonnegative("lam", lam)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     codes_shape = (*X.shape[:-1], D.shape[1])
     if start is None:
         start = X.new_zeros(codes_shape)
-    elif start.shape != codes_shape:
+    else:
+        require_float64("start", start)
+    if start.shape != codes_shape:
         raise ValueError(f"start must have the codes' shape {codes_shape}, got {tuple(start.shape)}")
     differentiable = X.requires_grad or D.requires_grad or start.requires_grad
     iterates, A = [], start

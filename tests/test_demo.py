@@ -1,8 +1,11 @@
-"""`make demo` (crate.demo): it trains, reports, writes the audit, and a second run reuses the first."""
+"""`make demo` (crate.demo): it trains, reports, writes the audit, and a second run reuses the first;
+the same for CRATE-α, whose table and audit show the ODL codes."""
 
+import dataclasses
 import json
 
 from crate import demo
+from crate.train import resolve_config
 
 SHORT = ["--epochs", "1", "--train-subset", "512", "--eval-subset", "256", "--telemetry-batch", "8"]
 
@@ -20,3 +23,32 @@ def test_demo_trains_reports_and_writes_the_audit(tmp_path, capsys):
 
     demo.main(["--output", str(tmp_path), *SHORT])
     assert "holds a completed run with this configuration" in capsys.readouterr().out
+
+
+def test_demo_trains_crate_alpha_and_writes_its_audit(tmp_path, capsys):
+    demo.main(["--model", "crate_alpha_mini_patch4_28", "--output", str(tmp_path), *SHORT])
+    output = capsys.readouterr().out
+    assert "crate_alpha_mini_patch4_28 on Fashion-MNIST (256 test images): top-1" in output
+    assert "Per-layer white-box measurements on 8 test images" in output
+    assert "non-zero codes a2" in output and "LASSO f(0) -> f(a2)" in output
+    rows = [line for line in output.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+    assert [int(row.split("|")[0]) for row in rows] == list(range(6))
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert (
+        audit["images"] == 64 and {"nonzero_a2", "lasso_step2", "decoder_drift"} <= audit["layers"][0].keys()
+    )
+    assert "non-zero a₂" in (tmp_path / "audit" / "audit.md").read_text()
+    for name in ("layers.png", "attention.png"):
+        assert (tmp_path / "audit" / name).stat().st_size > 10_000
+
+
+def test_a_run_saved_before_new_options_counts_as_complete(tmp_path):
+    config = resolve_config(["--output", str(tmp_path), *SHORT])
+    saved = dataclasses.asdict(config)
+    for added in ("pretrained", "pretrained_file", "opt_betas"):  # options newer than such a run
+        del saved[added]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "summary.json").write_text(json.dumps({"result": {}}))
+    assert demo._completed_run(tmp_path, config) == {"result": {}}
+    changed = resolve_config(["--output", str(tmp_path), *SHORT, "--opt-betas", "0.8,0.9"])
+    assert demo._completed_run(tmp_path, changed) is None

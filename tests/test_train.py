@@ -26,7 +26,7 @@ from crate.data import (
     fashion_mnist_root,
     read_idx,
 )
-from crate.train import TrainConfig, resolve_config, train
+from crate.train import TrainConfig, build_datasets, build_model, dataset_classes, resolve_config, train
 
 # a fixed subset and a small model keep each run to seconds on 2 cores
 FAST = [
@@ -133,6 +133,27 @@ def test_missing_imagenet_folder_is_explained(tmp_path):
                 ]
             )
         )
+
+
+def test_imagenet_class_count_comes_from_the_train_folders(tmp_path):
+    from PIL import Image
+
+    for split, labels in (("train", "abc"), ("val", "abc")):
+        for label in labels:
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / label / "0.png")
+    config = resolve_config(
+        ["--dataset", "imagenet", "--data", str(tmp_path), "--output", str(tmp_path / "run")]
+    )
+    assert dataset_classes(config) == 3
+    model = build_model(config)
+    assert model.num_classes == 3 and model.head.out_features == 3
+    train_set, _ = build_datasets(config, model)
+    assert len(train_set) == 3
+    (tmp_path / "val" / "c" / "0.png").unlink()
+    (tmp_path / "val" / "c").rmdir()
+    with pytest.raises(ValueError, match=r"must hold the same class folders.*only in train/: \['c'\]"):
+        build_datasets(config, model)
 
 
 # -- configuration ----------------------------------------------------------------------------------

@@ -53,3 +53,10 @@ def ista_closed_form(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -
 def subspace_stack(U: torch.Tensor) -> torch.Tensor:
     """U_[K] = [U_1 … U_K] of shape (d, K·p)."""
     return U.transpose(0, 1).flatten(1)
+
+
+def overcomplete_first_step(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
+    """ReLU(η Dᵀu − ηλ) per token u (columns of Xᵀ), D ∈ R^{d×m}, returned token-major (B, N, m):
+    the first proximal-gradient step from A₀ = 0, the one-sided soft threshold of ηDᵀu
+    (docs/crate-alpha.md §2)."""
+    return torch.relu(eta * D.T @ X.transpose(-1, -2) - eta * lam).transpose(-1, -2)

@@ -4,6 +4,8 @@ Explicit matmul-softmax attention (or SDPA) and the official three-matmul ISTA, 
 throughout. It is the *plain* implementation of the FlashAttention rule (math.md §8.2): the fast
 model's low-precision error is compared with the error this code makes in the same precision. In
 float64 with SDPA attention it is also an independent check of reference.OfficialCRATE.
+verification/plain_alpha.py is CRATE-α's, built on ``compress`` here; ``sparsify`` has the interface
+that both share (output, pre-activations), which verification/precision.py uses for either family.
 """
 
 import torch
@@ -12,8 +14,8 @@ import torch.nn.functional as F
 LN_EPS = 1e-5
 
 
-def _layer_norm(x: torch.Tensor, state: dict, key: str) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[key + ".weight"], state[key + ".bias"], eps=LN_EPS)
+def _layer_norm(x: torch.Tensor, state: dict, key: str, eps: float = LN_EPS) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], state[key + ".weight"], state[key + ".bias"], eps=eps)
 
 
 def embed(state: dict, images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -38,12 +40,13 @@ def depth(state: dict) -> int:
 
 
 def compress(
-    state: dict, layer: int, x: torch.Tensor, heads: int, attention: str = "explicit"
+    state: dict, layer: int, x: torch.Tensor, heads: int, attention: str = "explicit", eps: float = LN_EPS
 ) -> torch.Tensor:
-    """Z^{ℓ+½} = x + MSSA(LN₁(x))."""
+    """Z^{ℓ+½} = x + MSSA(LN₁(x)); W_out's bias is added where the state dict has one (CRATE-α's
+    has none), and LN₁ has ``eps`` (CRATE 1e-5, CRATE-α 1e-6)."""
     key = f"transformer.layers.{layer}.0."
     B, N, _ = x.shape
-    w = F.linear(_layer_norm(x, state, key + "norm"), state[key + "fn.qkv.weight"])
+    w = F.linear(_layer_norm(x, state, key + "norm", eps), state[key + "fn.qkv.weight"])
     w = w.reshape(B, N, heads, -1).permute(0, 2, 1, 3)  # (B, K, N, p)
     if attention == "sdpa":
         o = F.scaled_dot_product_attention(w, w, w)
@@ -51,7 +54,7 @@ def compress(
         o = torch.softmax(w @ w.transpose(-1, -2) * w.shape[-1] ** -0.5, dim=-1) @ w
     o = o.permute(0, 2, 1, 3).reshape(B, N, -1)
     if key + "fn.to_out.0.weight" in state:
-        o = F.linear(o, state[key + "fn.to_out.0.weight"], state[key + "fn.to_out.0.bias"])
+        o = F.linear(o, state[key + "fn.to_out.0.weight"], state.get(key + "fn.to_out.0.bias"))
     return x + o
 
 
@@ -62,6 +65,13 @@ def ista_preactivation(state: dict, layer: int, z: torch.Tensor, eta=0.1, lam=0.
     W = state[key + "fn.weight"]
     x1 = F.linear(u, W)  # u·Wᵀ
     return u + eta * (F.linear(u, W.T) - F.linear(x1, W.T)) - eta * lam
+
+
+def sparsify(state: dict, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(Z^{ℓ+1}, its pre-activations): the ISTA output ReLU(pre) and (pre,). The same interface as
+    plain_alpha.sparsify; the codes are ReLU of the last pre-activation (here the output itself)."""
+    pre = ista_preactivation(state, layer, z)
+    return F.relu(pre), (pre,)
 
 
 def logits(state: dict, images: torch.Tensor, heads: int, patch_size: int, attention: str = "explicit"):

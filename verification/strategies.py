@@ -189,6 +189,40 @@ class OfficialProblem:
         return randn((self.batch, self.tokens, self.dim), generator, self.scale)
 
 
+@dataclass(frozen=True)
+class OfficialAlphaProblem(OfficialProblem):
+    """A randomly initialised released CRATE-α (LayerNorm affine, the head's included, and every bias
+    randomised) with dictionaries of ``overcomplete``·d atoms, and a stream X (B, N, d) to feed its
+    transformer. ``peaky``: W_qkv × 4. Images: 2 channels, 2×2 patches on a 2×2 grid, as OfficialProblem."""
+
+    overcomplete: int = 4  # m / d, the released models' 4
+
+    def model(self) -> reference.OfficialCRATEAlpha:
+        return reference.OfficialCRATEAlpha.from_state_dict(self.state_dict(), heads=self.heads)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """float64, released key names."""
+        generator = torch.Generator().manual_seed(self.seed)
+        state = reference.random_official_alpha_state_dict(
+            dim=self.dim,
+            depth=self.depth,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            patch_size=self.patch_size,
+            channels=self.channels,
+            num_patches=self.num_patches,
+            num_classes=self.num_classes,
+            ratio=self.overcomplete,
+            generator=generator,
+        )
+        state = randomise_affine(state, generator)
+        state["mlp_head.0.weight"] = state["mlp_head.0.weight"] + 0.3 * randn((self.dim,), generator)
+        for key in state:
+            if self.peaky and key.endswith("qkv.weight"):
+                state[key] = 4 * state[key]
+        return state
+
+
 @st.composite
 def official_problems(
     draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3, peaky: bool = False
@@ -210,3 +244,30 @@ def official_problems(
 def scaled_settings(fraction: float) -> settings:
     """The loaded profile with a fraction of its examples, for properties that build whole models."""
     return settings(max_examples=max(5, int(settings.default.max_examples * fraction)))
+
+
+@st.composite
+def official_alpha_problems(
+    draw,
+    *,
+    max_heads: int = 3,
+    max_head_dim: int = 5,
+    max_depth: int = 3,
+    max_overcomplete: int = 4,
+    peaky: bool = False,
+) -> OfficialAlphaProblem:
+    """Odd sizes as official_problems (one head of full width included), dictionaries of 1 to
+    ``max_overcomplete`` times d atoms, soft or (with ``peaky``) also W_qkv × 4 attention."""
+    problem = OfficialAlphaProblem(
+        batch=draw(st.integers(1, 2)),
+        tokens=draw(st.integers(1, 9)),
+        heads=draw(st.integers(1, max_heads)),
+        head_dim=draw(st.integers(1, max_head_dim)),
+        depth=draw(st.integers(1, max_depth)),
+        seed=draw(seeds()),
+        scale=draw(log_uniform(1e-1, 10.0)),
+        peaky=draw(st.booleans()) if peaky else False,
+        overcomplete=draw(st.integers(1, max_overcomplete)),
+    )
+    note(str(problem))
+    return problem

@@ -1,0 +1,259 @@
+"""`crate train` with CRATE-α on real Fashion-MNIST images: it learns, resumes bit-exactly, logs the
+CRATE-α audit, runs under every preset; the published recipe's presets, --pretrained from a local file
+(offline, the classifier dropped when its class count differs) and --opt-betas."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import reference
+from crate import checkpoint, convert_official_state_dict
+from crate.train import PRESETS, TrainConfig, build_model, check_config, opt_betas, resolve_config, train
+
+ALPHA = ["--model", "crate_alpha_mini_patch4_28"]
+FAST = [  # as tests/test_train.py: a fixed subset, a few seconds per run on 2 cores
+    "--train-subset",
+    "1024",
+    "--eval-subset",
+    "512",
+    "--batch-size",
+    "64",
+    "--lr-batch",
+    "64",
+    "--telemetry-batch",
+    "8",
+    "--log-every",
+    "2",
+]
+ODL_FIELDS = {"nonzero_a1", "nonzero_a2", "lasso_start", "lasso_step1", "lasso_step2", "decoder_drift"}
+MINI = dict(dim=128, depth=6, heads=4, head_dim=32, patch_size=4, channels=1, num_patches=49)
+
+
+def _config(output: Path, *extra: str) -> TrainConfig:
+    return resolve_config([*ALPHA, *FAST, "--output", str(output), *extra])
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(checkpoint.latest(folder) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def alpha_run(tmp_path_factory):
+    """(run folder, final evaluation): crate_alpha_mini_patch4_28, 2048 training images, 3 epochs at
+    batch 32 (192 steps; 14 s on 2 quiet cores)."""
+    output = tmp_path_factory.mktemp("alpha-run")
+    config = resolve_config(
+        [
+            *ALPHA,
+            "--train-subset",
+            "2048",
+            "--eval-subset",
+            "500",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--lr-batch",
+            "32",
+            "--warmup-epochs",
+            "0.5",
+            "--telemetry-batch",
+            "8",
+            "--log-every",
+            "8",
+            "--output",
+            str(output),
+        ]
+    )
+    return output, train(config)
+
+
+def test_crate_alpha_learns_fashion_mnist_and_logs_its_audit(alpha_run):
+    output, result = alpha_run
+    assert result["top1"] > 50, result  # chance is 10%; measured 66.2%
+    assert json.loads((output / "config.json").read_text())["model"] == "crate_alpha_mini_patch4_28"
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "top1" in r]
+    assert len(evaluations) == 3 and evaluations[0]["top1"] < evaluations[-1]["top1"]
+    for record in evaluations:
+        assert record["whitebox_images"] == 8 and len(record["whitebox"]) == 6
+        for row in record["whitebox"]:
+            assert ODL_FIELDS | {"compression_in", "eta_lipschitz", "orthonormality_gap"} <= row.keys()
+            assert "nonzero" not in row and "lasso_end" not in row  # CRATE's ISTA fields
+            assert row["lasso_step2"]["mean"] <= row["lasso_start"]["mean"]
+
+
+def test_crate_alpha_resume_ends_with_the_same_parameters(tmp_path):
+    short = ["--checkpoint-every", "3", "--eval-subset", "64"]
+    train(_config(tmp_path / "straight", "--max-steps", "6", *short))
+    train(_config(tmp_path / "resumed", "--max-steps", "3", *short))
+    train(_config(tmp_path / "resumed", "--max-steps", "6", *short, "--resume"))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and any(".odl.D1" in key for key in straight)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"fashion-mnist"}))  # that one: alpha_run
+def test_every_preset_trains_crate_alpha(preset, tmp_path):
+    """Each preset's recipe (Lion, EMA, Mixup/CutMix, drop path, gradient clipping, betas) with the
+    CRATE-α demo model on Fashion-MNIST: one optimizer step, an evaluation and the telemetry."""
+    config = resolve_config(
+        [
+            "--preset",
+            preset,
+            *ALPHA,
+            "--dataset",
+            "fashion-mnist",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            *FAST,
+            "--eval-subset",
+            "64",
+            "--max-steps",
+            "1",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    result = train(config)
+    assert result["step"] == 1 and ODL_FIELDS <= result["whitebox"][0].keys()
+    assert all(torch.isfinite(value).all() for value in _weights(tmp_path).values())
+
+
+def test_alpha_presets_are_the_published_recipe():
+    finetune = resolve_config(["--preset", "alpha-finetune"])
+    assert finetune.model == "crate_alpha_base_patch16_224.in21k" and finetune.pretrained
+    assert finetune.dataset == "imagenet" and finetune.epochs == 91 and finetune.warmup_epochs == 10
+    assert (finetune.opt, finetune.opt_betas, finetune.weight_decay, finetune.grad_clip) == (
+        "adamw",
+        "0.9,0.95",
+        0.1,
+        1.0,
+    )
+    assert finetune.batch_size == 4096 and finetune.lr * finetune.batch_size / finetune.lr_batch == 1.6e-4
+    assert (finetune.lr, finetune.lr_batch, finetune.min_lr) == (1e-5, 256, 1e-6)
+    assert finetune.auto_augment.startswith("rand-m9-n2") and finetune.label_smoothing == 0.1
+    assert (finetune.mixup, finetune.cutmix, finetune.drop_path, finetune.reprob) == (0.8, 1.0, 0.0, 0.0)
+    assert finetune.ema_decay == 0.0
+    pretrain = resolve_config(["--preset", "alpha-pretrain"])
+    assert pretrain.model == "crate_alpha_base_patch16_224" and not pretrain.pretrained
+    assert (pretrain.lr, pretrain.lr_batch, pretrain.batch_size, pretrain.epochs) == (5e-5, 256, 4096, 91)
+    assert pretrain.auto_augment is None and pretrain.label_smoothing == 0.0
+    assert (pretrain.opt_betas, pretrain.weight_decay, pretrain.grad_clip) == ("0.9,0.95", 0.1, 1.0)
+    assert (pretrain.mixup, pretrain.cutmix, pretrain.min_lr, pretrain.warmup_epochs) == (0.8, 1.0, 1e-6, 10)
+
+
+def test_opt_betas_reach_the_optimizer(tmp_path):
+    train(_config(tmp_path, "--max-steps", "1", "--eval-subset", "64", "--opt-betas", "0.9,0.95"))
+    state = torch.load(checkpoint.latest(tmp_path) / "state.pt", weights_only=True)
+    assert list(state["optimizer"]["param_groups"][0]["betas"]) == [0.9, 0.95]  # AdamW's default: 0.999
+    assert opt_betas(resolve_config([])) is None and opt_betas(resolve_config(["--opt-betas", ""])) is None
+
+
+def test_bad_options_are_explained(tmp_path, capsys):
+    for value in ("0.9", "0.9,x", "0.9,1.5"):
+        with pytest.raises(SystemExit):
+            resolve_config(["--opt-betas", value])
+        error = capsys.readouterr().err
+        assert "--opt-betas must be two comma-separated numbers in [0, 1)" in error and repr(value) in error
+    with pytest.raises(SystemExit):
+        resolve_config(["--pretrained-file", "weights.pth"])
+    assert "is read only with --pretrained: add --pretrained" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"optimizer 'sgd' \(SGD\) takes no betas"):
+        train(_config(tmp_path, "--opt", "sgd", "--opt-betas", "0.9,0.95", "--max-steps", "1"))
+    with pytest.raises(
+        ValueError, match=r"no published weights for crate_alpha_mini_patch4_28.*--pretrained-file"
+    ):
+        build_model(resolve_config([*ALPHA, "--pretrained"]))
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match=r"--pretrained-file .*missing.pth: no such file"):
+        build_model(resolve_config([*ALPHA, "--pretrained", "--pretrained-file", missing]))
+
+
+def _released_alpha_pth(path: Path, num_classes: int) -> dict:
+    state = reference.random_official_alpha_state_dict(
+        **MINI, num_classes=num_classes, generator=torch.Generator().manual_seed(2)
+    )
+    state = {key: value.float() for key, value in state.items()}
+    torch.save(state, path)
+    return convert_official_state_dict(state)
+
+
+def test_pretrained_file_loads_offline_and_drops_a_classifier_of_another_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    released = _released_alpha_pth(tmp_path / "released.pth", num_classes=7)  # the release's key names
+    from_file = [*ALPHA, "--pretrained", "--pretrained-file"]
+    model = build_model(resolve_config([*from_file, str(tmp_path / "released.pth")]))
+    state = model.state_dict()
+    assert model.num_classes == 10 and state["head.weight"].shape == (10, 128)  # the dataset's classes
+    for key, value in released.items():
+        if not key.startswith("head."):
+            assert torch.equal(state[key], value), key
+
+    own = {key: value.clone() for key, value in state.items()}  # this project's names, 10 classes
+    own["head.weight"].normal_()
+    save_file(own, tmp_path / "own.safetensors")
+    model = build_model(resolve_config([*from_file, str(tmp_path / "own.safetensors")]))
+    assert torch.equal(model.head.weight, own["head.weight"])  # same class count: the classifier is kept
+
+    # a tagged model name reads the file, not the Hub: the mini file does not fit CRATE-α-B/16
+    with pytest.raises(ValueError, match=r"does not fit CRATEAlpha \(768 wide, 12 layers\)"):
+        tagged = ["--model", "crate_alpha_base_patch16_224.in21k", "--pretrained", "--pretrained-file"]
+        build_model(resolve_config([*tagged, str(tmp_path / "own.safetensors")]))
+
+    # and the run trains from it
+    released_file = str(tmp_path / "released.pth")
+    result = train(
+        _config(tmp_path / "run", "--pretrained", "--pretrained-file", released_file, "--max-steps", "2")
+    )
+    assert result["step"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pretrained_file"].endswith(
+        "released.pth"
+    )
+
+
+def test_check_config_accepts_the_defaults():
+    check_config(TrainConfig())
+    for preset in PRESETS:
+        check_config(resolve_config(["--preset", preset]))
+
+
+def _fake_imagenet(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in range(classes):
+            folder = root / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = torch.randint(0, 256, (64, 80, 3), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy()).save(folder / f"{index}.png")
+    return root
+
+
+def test_alpha_finetune_recipe_runs_on_an_image_folder_from_a_released_checkpoint(tmp_path, monkeypatch):
+    """The alpha-finetune preset end to end on CPU (RandAugment, Mixup/CutMix, Inception crop,
+    betas, gradient clipping, the released layout's checkpoint, a 3-class folder) with CRATE-α-Ti/16
+    standing in for B/16, whose size is the GPU's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _fake_imagenet(tmp_path / "imagenet")
+    state = reference.random_official_alpha_state_dict(
+        dim=192, depth=12, heads=3, head_dim=64, patch_size=16, channels=3, num_patches=196, num_classes=11
+    )
+    torch.save({key: value.float() for key, value in state.items()}, tmp_path / "tiny.pth")
+    options = ["--preset", "alpha-finetune", "--model", "crate_alpha_tiny_patch16_224", "--data", str(data)]
+    options += ["--pretrained-file", str(tmp_path / "tiny.pth"), "--batch-size", "4", "--workers", "0"]
+    options += ["--max-steps", "2", "--telemetry-batch", "2", "--output", str(tmp_path / "run")]
+    result = train(resolve_config(options))
+    assert result["step"] == 2 and result["eval_images"] == 12 and len(result["whitebox"]) == 12
+    weights = _weights(tmp_path / "run")
+    assert weights["head.weight"].shape == (3, 192)  # the folder's 3 classes, the file's 11 dropped
+    released = convert_official_state_dict(state)  # two warm-up steps at lr ~1e-10 barely move it
+    for key in ("blocks.7.odl.D1", "patch_embed.proj.weight", "pos_embed"):
+        torch.testing.assert_close(weights[key], released[key].float(), rtol=0, atol=1e-6)
