@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark set (batch 256, bf16 autocast) in under 8 minutes on one H100; JSON and table into
-# benchmarks/results/ named with the device and the date; commit the two files it writes.
+# The GPU set in under 8 minutes on one H100: the benchmarks (batch 256, bf16 autocast), then the CUDA
+# cases of the verification suite (both families, TF32 included) and the precision tables on the GPU.
+# Everything goes to benchmarks/results/ named with the device and the date: <stem>.json and .md (the
+# benchmarks), <stem>-verification.txt (the CUDA test run and both precision tables); commit them.
 #
 #   benchmarks/run_gpu.sh                  # .venv/bin/python where `make setup` made it, else python3
 #   PY=python3 benchmarks/run_gpu.sh       # any Python with torch, timm, pytest, pytest-benchmark and
@@ -35,3 +37,13 @@ fi
 [ "$status" -eq 0 ] || exit "$status"
 echo "benchmarks took ${SECONDS} s"
 $PY -m benchmarks.report "${stem}.json" | tee "${stem}.md"
+{
+    set +e  # a failing check must not hide the others: the file shows each one's outcome
+    echo "# CUDA verification on ${device}, $(date -u +%FT%TZ): torch $($PY -c 'import torch; print(torch.__version__)')"
+    CI=1 timeout 150 $PY -m pytest -q -p no:cacheprovider -k cuda \
+        verification/test_fast_model.py verification/test_fast_alpha.py tests/test_alpha_audit.py 2>&1 | tail -n 30
+    for family in crate alpha; do
+        timeout 60 $PY -m verification.precision --device cuda --family "$family"
+    done
+} 2>&1 | tee "${stem}-verification.txt"
+echo "all done in ${SECONDS} s"

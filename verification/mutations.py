@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Mutation(NamedTuple):
+    """Replace ``old`` by ``new`` in ``path``; tuples of the same length replace several places."""
+
     name: str
     path: str
-    old: str
-    new: str
+    old: str | tuple[str, ...]
+    new: str | tuple[str, ...]
 
 
 MUTATIONS = [
@@ -202,6 +204,85 @@ MUTATIONS = [
         "unflatten(0, (block.attn.heads, -1)).transpose(-2, -1)",
         "unflatten(0, (-1, block.attn.heads)).permute(1, 2, 0)",
     ),
+    # CRATE-α: the released model in reference/ (literal einsum code), its autograd steps, the fast model
+    Mutation(
+        "α: decoder D instead of D₁",
+        "reference/official_alpha.py",
+        'torch.einsum("dp,nlp->nld", self.D1, self.codes(x)[-1])',
+        'torch.einsum("dp,nlp->nld", self.D, self.codes(x)[-1])',
+    ),
+    Mutation(
+        "α: gradient with D instead of Dᵀ",
+        "reference/official_alpha.py",
+        'lasso_grad = torch.einsum("pd,nlp->nld", self.D, Da1 - x)',
+        'lasso_grad = torch.einsum("dp,nlp->nld", self.D, Da1 - x)',
+    ),
+    Mutation("α: one step, not two", "reference/official_alpha.py", "return [a1, a2]", "return [a1, a1]"),
+    Mutation(
+        "α: missing ODL residual",
+        "reference/official_alpha.py",
+        "z_next = z_half + odl(z_half)",
+        "z_next = odl(z_half)",
+    ),
+    Mutation(
+        "α: block LayerNorm eps 1e-5",
+        "reference/official_alpha.py",
+        "LAYERNORM_EPS = 1e-6",
+        "LAYERNORM_EPS = 1e-5",
+    ),
+    Mutation(
+        "α: autograd steps warm-started at [u, 0]",
+        "reference/steps.py",
+        "start = X.new_zeros(codes_shape)",
+        "start = torch.nn.functional.pad(X, (0, D.shape[1] - X.shape[-1]))",
+    ),
+    Mutation(
+        "fast α: encoder and decoder swapped",
+        "crate/alpha.py",
+        ("u @ self.D)", "(a1 @ self.D.T - u) @ self.D)", "self.codes(u)[1] @ self.D1.T"),
+        ("u @ self.D1)", "(a1 @ self.D1.T - u) @ self.D1)", "self.codes(u)[1] @ self.D.T"),
+    ),
+    Mutation(
+        "fast α: gradient with D instead of Dᵀ",
+        "crate/alpha.py",
+        "(a1 @ self.D.T - u) @ self.D)",
+        "(a1 @ self.D.T - u) @ self.D.T.T.T)",
+    ),
+    Mutation("fast α: one step, not two", "crate/alpha.py", "return a1, a2", "return a1, a1"),
+    Mutation(
+        "fast α: warm start at [u, 0]",
+        "crate/alpha.py",
+        "a1 = F.relu(self.eta * (u @ self.D) - threshold)",
+        "a0 = F.pad(u, (0, self.D.shape[1] - u.shape[-1]))\n"
+        "        a1 = F.relu(a0 - self.eta * ((a0 @ self.D.T - u) @ self.D) - threshold)",
+    ),
+    Mutation(
+        "fast α: missing ODL residual",
+        "crate/alpha.py",
+        "return z + self.drop_path(self.odl(self.norm2(z)))",
+        "return self.drop_path(self.odl(self.norm2(z)))",
+    ),
+    Mutation(
+        "fast α: block LayerNorm eps 1e-5", "crate/alpha.py", "LAYERNORM_EPS = 1e-6", "LAYERNORM_EPS = 1e-5"
+    ),
+    Mutation(
+        "fast α: patches column-major",
+        "crate/alpha.py",
+        "self.proj(images).flatten(2)",
+        "self.proj(images).transpose(2, 3).flatten(2)",
+    ),
+    Mutation(
+        "white-box α: LASSO of a₁ reported after step 2",
+        "crate/analysis.py",
+        "lasso_step2=_stats(reference.lasso_objective(a2, u, D, lam))",
+        "lasso_step2=_stats(reference.lasso_objective(a1, u, D, lam))",
+    ),
+    Mutation(
+        "white-box α: decoder drift against D₁ itself",
+        "crate/analysis.py",
+        "decoder_drift=((D1 - D).norm() / D.norm()).item()",
+        "decoder_drift=((D1 - D1).norm() / D.norm()).item()",
+    ),
     Mutation(
         "symbolic logdet constant",
         "reference/symbolic.py",
@@ -226,9 +307,16 @@ def run(mutation: Mutation, suites: list[str]) -> str:
         )
         target = tree / mutation.path
         source = target.read_text()
-        if source.count(mutation.old) != 1:
-            raise RuntimeError(f"{mutation.name}: {mutation.old!r} must occur once in {mutation.path}")
-        target.write_text(source.replace(mutation.old, mutation.new))
+        olds, news = (
+            (mutation.old, mutation.new)
+            if isinstance(mutation.old, tuple)
+            else ([mutation.old], [mutation.new])
+        )
+        for old, new in zip(olds, news, strict=True):
+            if source.count(old) != 1:
+                raise RuntimeError(f"{mutation.name}: {old!r} must occur once in {mutation.path}")
+            source = source.replace(old, new)
+        target.write_text(source)
         environment = dict(os.environ, CI="1", PYTHONPATH=str(tree))
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *suites],

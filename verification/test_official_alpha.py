@@ -80,8 +80,6 @@ class AlphaProblem:
             generator=generator,
         )
         state = randomise_affine(state, generator)
-        # the head's LayerNorm weight is not named ".norm.", so randomise_affine leaves it at 1
-        state["mlp_head.0.weight"] = state["mlp_head.0.weight"] + 0.3 * randn((self.dim,), generator)
         return state
 
 
