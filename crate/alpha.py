@@ -8,7 +8,8 @@ What changes from CRATE (crate/model.py), whose model contract this one inherits
   over-complete dictionary D ∈ R^{d×4d}, decoded by a second dictionary D₁, with a residual;
 - the patch embedding is a Conv2d with bias (no LayerNorms);
 - the blocks' LayerNorms have eps 1e-6 (the head's keeps 1e-5), and W_out has no bias.
-verification/test_fast_alpha.py proves it equal to the float64 `reference.OfficialCRATEAlpha`.
+verification/test_fast_model.py (its "-alpha" cases) proves it equal to the float64
+`reference.OfficialCRATEAlpha`.
 """
 
 from dataclasses import dataclass

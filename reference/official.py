@@ -159,25 +159,40 @@ def official_state_dict_shapes(
     return shapes
 
 
-def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
-    """dim, depth, head_dim, num_patches and num_classes, read from the shapes of four anchor keys."""
-    anchors = ("cls_token", "pos_embedding", "transformer.layers.0.0.fn.qkv.weight", "mlp_head.1.weight")
+def _require_anchors(state_dict: dict, anchors, model: str) -> None:
     missing = [key for key in anchors if key not in state_dict]
     if missing:
-        raise KeyError(f"state dict lacks {missing}: the model's sizes are read from these keys")
+        raise KeyError(f"state dict lacks {missing}: the {model}'s sizes are read from these keys")
+
+
+def _depth(state_dict: dict) -> int:
+    """The number of layers: one more than the largest ℓ of the keys ``transformer.layers.ℓ.*``."""
     layer_ids = {
         int(m.group(1)) for key in state_dict if (m := re.match(r"transformer\.layers\.(\d+)\.", key))
     }
+    return max(layer_ids) + 1
+
+
+def _head_dim(state_dict: dict, heads: int) -> int:
+    """p, from the qkv width K·p of layer 0 and the head count K."""
     inner_dim = state_dict["transformer.layers.0.0.fn.qkv.weight"].shape[0]
     if heads < 1 or inner_dim % heads:
         raise ValueError(
             f"heads={heads} does not divide the qkv width {inner_dim} "
             "(transformer.layers.0.0.fn.qkv.weight has K·p rows)"
         )
+    return inner_dim // heads
+
+
+def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
+    """dim, depth, head_dim, num_patches and num_classes, read from the shapes of four anchor keys."""
+    anchors = ("cls_token", "pos_embedding", "transformer.layers.0.0.fn.qkv.weight", "mlp_head.1.weight")
+    _require_anchors(state_dict, anchors, "model")
+    head_dim = _head_dim(state_dict, heads)
     return dict(
         dim=state_dict["cls_token"].shape[-1],
-        depth=max(layer_ids) + 1,
-        head_dim=inner_dim // heads,
+        depth=_depth(state_dict),
+        head_dim=head_dim,
         num_patches=state_dict["pos_embedding"].shape[1] - 1,
         num_classes=state_dict["mlp_head.1.weight"].shape[0],
     )
@@ -208,7 +223,43 @@ def check_state_dict(
         raise ValueError(f"state dict does not fit the {layout} layout:\n  " + "\n  ".join(problems))
 
 
-class OfficialCRATE(nn.Module):
+class ReleasedClassifier(nn.Module):
+    """What the released CRATE and CRATE-α classifiers share: the check of the images, the embedding
+    (patches, the cls token first, the position embedding added) and the forward pass. A subclass
+    has ``patch_size``, ``channels``, ``cls_token``, ``pos_embedding``, ``transformer``, and
+    ``patches`` (images -> (B, n, d) patch tokens) and ``head`` ((B, N, d) stream -> logits)."""
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        require_float64("images", images)
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"images must have shape (B, {self.channels}, H, W), got {tuple(images.shape)}")
+        P = self.patch_size
+        H, W = images.shape[-2:]
+        if H % P or W % P:
+            raise ValueError(f"image size {H}×{W} is not divisible by the patch size {P}")
+        max_patches = self.pos_embedding.shape[1] - 1
+        if (H // P) * (W // P) > max_patches:
+            raise ValueError(
+                f"image size {H}×{W} gives {(H // P) * (W // P)} patches of {P}×{P}, "
+                f"more than the {max_patches} position embeddings"
+            )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, N, d) stream entering layer 0 (N = patches + 1, cls first)."""
+        self._check_images(images)
+        x = self.patches(images)  # (B, n, d)
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls_tokens, x], dim=1)
+        return x + self.pos_embedding[:, : x.shape[1]]
+
+    def forward_intermediates(self, images: torch.Tensor) -> list[LayerStates]:
+        return self.transformer.forward_intermediates(self.embed(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.embed(images)))
+
+
+class OfficialCRATE(ReleasedClassifier):
     """CRATE classifier of the official code in float64: patch embedding, cls token, position
     embedding, ``depth`` layers of MSSA then ISTA, LayerNorm + Linear head on the pooled token."""
 
@@ -265,38 +316,13 @@ class OfficialCRATE(nn.Module):
         model.load_state_dict({key: value.to(DTYPE) for key, value in state_dict.items()}, strict=True)
         return model
 
-    def _check_images(self, images: torch.Tensor) -> None:
-        require_float64("images", images)
-        if images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"images must have shape (B, {self.channels}, H, W), got {tuple(images.shape)}")
-        P = self.patch_size
-        H, W = images.shape[-2:]
-        if H % P or W % P:
-            raise ValueError(f"image size {H}×{W} is not divisible by the patch size {P}")
-        max_patches = self.pos_embedding.shape[1] - 1
-        if (H // P) * (W // P) > max_patches:
-            raise ValueError(
-                f"image size {H}×{W} gives {(H // P) * (W // P)} patches of {P}×{P}, "
-                f"more than the {max_patches} position embeddings"
-            )
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, N, d) stream entering layer 0 (N = patches + 1, cls first)."""
-        self._check_images(images)
-        x = self.to_patch_embedding(images)  # (B, n, d)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls_tokens, x], dim=1)
-        return x + self.pos_embedding[:, : x.shape[1]]
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, n, d): patchify, LayerNorm, Linear, LayerNorm."""
+        return self.to_patch_embedding(images)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
         return self.mlp_head(pooled)
-
-    def forward_intermediates(self, images: torch.Tensor) -> list[LayerStates]:
-        return self.transformer.forward_intermediates(self.embed(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.transformer(self.embed(images)))
 
 
 def uniform_tensor(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:

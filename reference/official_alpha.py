@@ -8,20 +8,21 @@ an over-complete dictionary D ∈ R^{d×4d}, decoded by a second dictionary D₁
 the released code's; verification/test_odl.py proves them equal to ``reference.proximal_gradient_steps``.
 """
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import require_float64
 from .official import (
     DTYPE,
     MSSA,
     LayerStates,
     PreNorm,
+    ReleasedClassifier,
+    _depth,
+    _head_dim,
     _layer_norm,
     _linear,
+    _require_anchors,
     check_state_dict,
     uniform_tensor,
 )
@@ -123,9 +124,7 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
         "transformer.layers.0.1.fn.D": 2,
         "mlp_head.1.weight": 2,
     }
-    missing = [key for key in anchors if key not in state_dict]
-    if missing:
-        raise KeyError(f"state dict lacks {missing}: the CRATE-α model's sizes are read from these keys")
+    _require_anchors(state_dict, anchors, "CRATE-α model")
     for key, ndim in anchors.items():
         value = state_dict[key]
         if not isinstance(value, torch.Tensor) or value.ndim != ndim:
@@ -134,22 +133,14 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
                 f"key {key!r} must be a {ndim}-dimensional tensor (sizes are read from it), got {got}"
             )
     dim, channels, patch_size, _ = state_dict["conv1.weight"].shape
-    inner_dim = state_dict["transformer.layers.0.0.fn.qkv.weight"].shape[0]
-    if heads < 1 or inner_dim % heads:
-        raise ValueError(
-            f"heads={heads} does not divide the qkv width {inner_dim} "
-            "(transformer.layers.0.0.fn.qkv.weight has K·p rows)"
-        )
+    head_dim = _head_dim(state_dict, heads)
     atoms = state_dict["transformer.layers.0.1.fn.D"].shape[-1]
     if atoms % dim:
         raise ValueError(f"transformer.layers.0.1.fn.D has {atoms} columns, not a multiple of d = {dim}")
-    layer_ids = {
-        int(m.group(1)) for key in state_dict if (m := re.match(r"transformer\.layers\.(\d+)\.", key))
-    }
     return dict(
         dim=dim,
-        depth=max(layer_ids) + 1,
-        head_dim=inner_dim // heads,
+        depth=_depth(state_dict),
+        head_dim=head_dim,
         patch_size=patch_size,
         channels=channels,
         num_patches=state_dict["pos_embedding"].shape[1] - 1,
@@ -158,7 +149,7 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
     )
 
 
-class OfficialCRATEAlpha(nn.Module):
+class OfficialCRATEAlpha(ReleasedClassifier):
     """CRATE-α classifier of the released PyTorch port in float64: Conv2d patch embedding with bias,
     cls token, position embedding, ``depth`` layers of MSSA then ODL (both with residuals),
     LayerNorm + Linear head on the cls token."""
@@ -201,37 +192,17 @@ class OfficialCRATEAlpha(nn.Module):
         return model
 
     def _check_images(self, images: torch.Tensor) -> None:
-        require_float64("images", images)
-        if images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"images must have shape (B, {self.channels}, H, W), got {tuple(images.shape)}")
-        P = self.patch_size
+        super()._check_images(images)
         H, W = images.shape[-2:]
-        if H % P or W % P:
-            raise ValueError(f"image size {H}×{W} is not divisible by the patch size {P}")
-        if H == 0 or W == 0:
-            raise ValueError(f"image size {H}×{W} has no patches of {P}×{P}")
-        max_patches = self.pos_embedding.shape[1] - 1
-        if (H // P) * (W // P) > max_patches:
-            raise ValueError(
-                f"image size {H}×{W} gives {(H // P) * (W // P)} patches of {P}×{P}, "
-                f"more than the {max_patches} position embeddings"
-            )
+        if H == 0 or W == 0:  # zero patches, which the Conv2d refuses with a message of its own
+            raise ValueError(f"image size {H}×{W} has no patches of {self.patch_size}×{self.patch_size}")
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, N, d) stream entering layer 0 (N = patches + 1, cls first)."""
-        self._check_images(images)
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, n, d), patches row-major over the grid
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos_embedding[:, : x.shape[1]]
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, n, d): Conv2d, patches row-major over the grid."""
+        return self.conv1(images).flatten(2).transpose(1, 2)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_head(x[:, 0])
-
-    def forward_intermediates(self, images: torch.Tensor) -> list[LayerStates]:
-        return self.transformer.forward_intermediates(self.embed(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.transformer(self.embed(images)))
 
 
 def random_official_alpha_state_dict(

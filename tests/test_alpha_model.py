@@ -1,7 +1,7 @@
 """CRATE-α's interface: the timm registry and its published weights (the Hub path tested offline, on a
 prepared local Hugging Face cache), configuration and input errors, released-checkpoint conversion.
 The timm method contract is shared with CRATE (tests/test_model.py); numerical equality with the
-reference is verification/test_fast_alpha.py's job."""
+reference is verification/test_fast_model.py's job (its "-alpha" cases)."""
 
 import os
 import subprocess

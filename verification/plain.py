@@ -4,8 +4,9 @@ Explicit matmul-softmax attention (or SDPA) and the official three-matmul ISTA, 
 throughout. It is the *plain* implementation of the FlashAttention rule (math.md §8.2): the fast
 model's low-precision error is compared with the error this code makes in the same precision. In
 float64 with SDPA attention it is also an independent check of reference.OfficialCRATE.
-verification/plain_alpha.py is CRATE-α's, built on ``compress`` here; ``sparsify`` has the interface
-that both share (output, pre-activations), which verification/precision.py uses for either family.
+verification/plain_alpha.py is CRATE-α's, built on ``compress`` and ``head`` here; ``sparsify`` has the
+interface that both share (output, pre-activations), which verification/precision.py uses for either
+family.
 """
 
 import torch
@@ -74,9 +75,14 @@ def sparsify(state: dict, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, tu
     return F.relu(pre), (pre,)
 
 
+def head(state: dict, x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
+    """Logits from the last layer's output: LayerNorm (``eps``) and Linear on the cls token."""
+    pooled = _layer_norm(x[:, 0], state, "mlp_head.0", eps)
+    return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
+
+
 def logits(state: dict, images: torch.Tensor, heads: int, patch_size: int, attention: str = "explicit"):
     x = embed(state, images, patch_size)
     for layer in range(depth(state)):
         x = F.relu(ista_preactivation(state, layer, compress(state, layer, x, heads, attention)))
-    pooled = _layer_norm(x[:, 0], state, "mlp_head.0")
-    return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
+    return head(state, x)

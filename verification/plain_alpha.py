@@ -7,7 +7,9 @@ the released code does it (UCSC-VLAA/CRATE-alpha; docs/crate-alpha.md §1), toke
     a₁ = ReLU(η·u@D − ηλ),  a₂ = ReLU(a₁ − η·((a₁@Dᵀ − u)@D) − ηλ),  out = z + a₂@D₁ᵀ,  u = LN₂(z).
 
 It is the *plain* implementation of the FlashAttention rule (math.md §8.2) for CRATE-α, as plain.py
-is for CRATE; both pre-activations are exposed for the ReLU-flip allowances (math.md §8.4).
+is for CRATE; both pre-activations are exposed for the ReLU-flip allowances (math.md §8.4). In
+float64 with SDPA attention it is also the independent functional implementation that
+verification/test_official_alpha.py checks reference.OfficialCRATEAlpha against (η and λ as given).
 """
 
 import torch
@@ -52,17 +54,36 @@ def preactivations(
     return pre1, pre2
 
 
-def sparsify(state: dict, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def sparsify(
+    state: dict, layer: int, z: torch.Tensor, eta: float = 0.1, lam: float = 0.1
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(Z^{ℓ+1} = z + a₂@D₁ᵀ, (pre₁, pre₂)); the codes are a₁ = ReLU(pre₁), a₂ = ReLU(pre₂)."""
-    pres = preactivations(state, layer, z)
+    pres = preactivations(state, layer, z, eta, lam)
     return z + F.relu(pres[1]) @ state[f"transformer.layers.{layer}.1.fn.D1"].T, pres
 
 
-def logits(state: dict, images: torch.Tensor, heads: int, attention: str = "explicit") -> torch.Tensor:
-    x = embed(state, images)
+def layer_states(
+    state: dict,
+    images: torch.Tensor,
+    heads: int,
+    attention: str = "explicit",
+    eta: float = 0.1,
+    lam: float = 0.1,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input, after MSSA, after ODL) of every layer."""
+    x, states = embed(state, images), []
     for layer in range(depth(state)):
-        x = sparsify(state, layer, compress(state, layer, x, heads, attention))[0]
-    pooled = F.layer_norm(
-        x[:, 0], x.shape[-1:], state["mlp_head.0.weight"], state["mlp_head.0.bias"], eps=HEAD_LN_EPS
-    )
-    return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
+        z_half = compress(state, layer, x, heads, attention)
+        z_next = sparsify(state, layer, z_half, eta, lam)[0]
+        states.append((x, z_half, z_next))
+        x = z_next
+    return states
+
+
+def head(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits from the last layer's output: LayerNorm (eps 1e-5) and Linear on the cls token."""
+    return plain.head(state, x, HEAD_LN_EPS)
+
+
+def logits(state: dict, images: torch.Tensor, heads: int, attention: str = "explicit") -> torch.Tensor:
+    return head(state, layer_states(state, images, heads, attention)[-1][-1])

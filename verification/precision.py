@@ -34,6 +34,10 @@ from crate import (
 from crate.model import official_layout
 from verification import plain, plain_alpha
 
+# the shapes of CRATE-T's layer, at which both families are measured (the tests' OfficialProblem and
+# OfficialAlphaProblem fields; CRATE-α's dictionaries have m = 4d atoms, that problem's default)
+CRATE_T_LAYER = dict(batch=2, tokens=197, heads=6, head_dim=64, depth=1, scale=1.0)
+
 # name: (dtype of tensors, autocast dtype or None, unit roundoff u); "tf32" is float32 with TF32
 # matmuls allowed (CUDA only; 10-bit mantissa)
 PRECISIONS = {
@@ -191,6 +195,21 @@ def fast_model(
     model = family.model_class(config).to(device=device, dtype=dtype)
     load_official_state_dict(model, state)
     return model.eval()
+
+
+def problem_kwargs(problem, family: Family, fused: bool, device: str = "cpu", **more) -> dict:
+    """The keyword arguments of ``fast_model``, ``layer_results`` and ``layer_gradient_check`` for a
+    problem of verification/strategies.py (its heads, patch size and channels), and ``more``
+    (``precision`` or ``dtype``)."""
+    return dict(
+        heads=problem.heads,
+        patch_size=problem.patch_size,
+        channels=problem.channels,
+        fused=fused,
+        device=device,
+        family=family,
+        **more,
+    )
 
 
 def rounded(state: dict, precision: str) -> tuple[dict, dict]:
@@ -402,11 +421,6 @@ def layer_gradient_check(
     )
 
 
-def layer_gradients(state: dict, X: torch.Tensor, **kwargs) -> dict[str, Errors]:
-    """layer_gradient_check's errors, keyed by official name ("input" for the layer input)."""
-    return layer_gradient_check(state, X, **kwargs).errors
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Fast vs float64 reference errors at CRATE-T (or CRATE-α) layer shapes."
@@ -430,18 +444,10 @@ def main() -> None:
         print("precision | attention | weights | z_half fast/plain | out fast/plain | grad x fast/plain")
     for precision in precisions:
         for peaky in (False, True):
-            shapes = dict(batch=2, tokens=197, heads=6, head_dim=64, depth=1, seed=args.seed, scale=1.0)
-            problem = (OfficialAlphaProblem if alpha else OfficialProblem)(**shapes, peaky=peaky)
+            problem_class = OfficialAlphaProblem if alpha else OfficialProblem
+            problem = problem_class(**CRATE_T_LAYER, seed=args.seed, peaky=peaky)
             for fused in (True, False):
-                kwargs = dict(
-                    heads=6,
-                    patch_size=2,
-                    channels=problem.channels,
-                    precision=precision,
-                    fused=fused,
-                    device=args.device,
-                    family=family,
-                )
+                kwargs = problem_kwargs(problem, family, fused, args.device, precision=precision)
                 (result,) = layer_results(problem.state_dict(), problem.X, **kwargs)
                 u = PRECISIONS[precision][2]
                 half = errors(result.fast_half, result.plain_half, result.ref_half, u)

@@ -158,10 +158,8 @@ class OfficialProblem:
             self.state_dict(), heads=self.heads, patch_size=self.patch_size, channels=self.channels, rho=rho
         )
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """float64, official key names."""
-        generator = torch.Generator().manual_seed(self.seed)
-        state = reference.random_official_state_dict(
+    def _sizes(self) -> dict[str, int]:
+        return dict(
             dim=self.dim,
             depth=self.depth,
             heads=self.heads,
@@ -170,9 +168,15 @@ class OfficialProblem:
             channels=self.channels,
             num_patches=self.num_patches,
             num_classes=self.num_classes,
-            generator=generator,
         )
-        state = randomise_affine(state, generator)
+
+    def _random_state_dict(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return reference.random_official_state_dict(**self._sizes(), generator=generator)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """float64, official (for CRATE-α: released) key names."""
+        generator = torch.Generator().manual_seed(self.seed)
+        state = randomise_affine(self._random_state_dict(generator), generator)
         for key in state:
             if self.peaky and key.endswith("qkv.weight"):
                 state[key] = 4 * state[key]
@@ -201,33 +205,15 @@ class OfficialAlphaProblem(OfficialProblem):
     def model(self) -> reference.OfficialCRATEAlpha:
         return reference.OfficialCRATEAlpha.from_state_dict(self.state_dict(), heads=self.heads)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """float64, released key names."""
-        generator = torch.Generator().manual_seed(self.seed)
-        state = reference.random_official_alpha_state_dict(
-            dim=self.dim,
-            depth=self.depth,
-            heads=self.heads,
-            head_dim=self.head_dim,
-            patch_size=self.patch_size,
-            channels=self.channels,
-            num_patches=self.num_patches,
-            num_classes=self.num_classes,
-            ratio=self.overcomplete,
-            generator=generator,
+    def _random_state_dict(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return reference.random_official_alpha_state_dict(
+            **self._sizes(), ratio=self.overcomplete, generator=generator
         )
-        state = randomise_affine(state, generator)
-        for key in state:
-            if self.peaky and key.endswith("qkv.weight"):
-                state[key] = 4 * state[key]
-        return state
 
 
-@st.composite
-def official_problems(
-    draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3, peaky: bool = False
-) -> OfficialProblem:
-    problem = OfficialProblem(
+def _official_fields(draw, max_heads: int, max_head_dim: int, max_depth: int, peaky: bool) -> dict:
+    """The fields that OfficialProblem and OfficialAlphaProblem share, drawn in this order."""
+    return dict(
         batch=draw(st.integers(1, 2)),
         tokens=draw(st.integers(1, 9)),
         heads=draw(st.integers(1, max_heads)),
@@ -237,6 +223,13 @@ def official_problems(
         scale=draw(log_uniform(1e-1, 10.0)),
         peaky=draw(st.booleans()) if peaky else False,
     )
+
+
+@st.composite
+def official_problems(
+    draw, *, max_heads: int = 3, max_head_dim: int = 5, max_depth: int = 3, peaky: bool = False
+) -> OfficialProblem:
+    problem = OfficialProblem(**_official_fields(draw, max_heads, max_head_dim, max_depth, peaky))
     note(str(problem))
     return problem
 
@@ -259,14 +252,7 @@ def official_alpha_problems(
     """Odd sizes as official_problems (one head of full width included), dictionaries of 1 to
     ``max_overcomplete`` times d atoms, soft or (with ``peaky``) also W_qkv × 4 attention."""
     problem = OfficialAlphaProblem(
-        batch=draw(st.integers(1, 2)),
-        tokens=draw(st.integers(1, 9)),
-        heads=draw(st.integers(1, max_heads)),
-        head_dim=draw(st.integers(1, max_head_dim)),
-        depth=draw(st.integers(1, max_depth)),
-        seed=draw(seeds()),
-        scale=draw(log_uniform(1e-1, 10.0)),
-        peaky=draw(st.booleans()) if peaky else False,
+        **_official_fields(draw, max_heads, max_head_dim, max_depth, peaky),
         overcomplete=draw(st.integers(1, max_overcomplete)),
     )
     note(str(problem))

@@ -1,52 +1,19 @@
 """The float64 released CRATE-α (reference.OfficialCRATEAlpha) against an independent functional
-implementation read straight from a released-layout state dict (docs/crate-alpha.md §1, §4): patches
-by F.conv2d, attention by F.scaled_dot_product_attention, LayerNorm by F.layer_norm (eps 1e-6 in the
-blocks, 1e-5 in the head), the ODL block's two steps as token-major matmuls (no einsum)."""
+implementation read straight from a released-layout state dict (docs/crate-alpha.md §1, §4):
+verification/plain_alpha.py with SDPA attention, that is patches by F.conv2d, attention by
+F.scaled_dot_product_attention, LayerNorm by F.layer_norm (eps 1e-6 in the blocks, 1e-5 in the head),
+the ODL block's two steps as token-major matmuls (no einsum)."""
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import reference
+from verification import plain_alpha
 from verification.asserts import assert_close, max_abs
 from verification.strategies import log_uniform, randn, randomise_affine, scaled_settings, seeds
-
-BLOCK_EPS, HEAD_EPS = 1e-6, 1e-5
-
-
-def _layer_norm(x: torch.Tensor, state: dict, key: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[key + ".weight"], state[key + ".bias"], eps=eps)
-
-
-def functional_crate_alpha(state: dict, images: torch.Tensor, heads: int, eta: float, lam: float):
-    """(logits, [(input, after MSSA, after ODL) per layer]) of the released CRATE-α, from ``state``."""
-    weight = state["conv1.weight"]
-    patches = F.conv2d(images, weight, state["conv1.bias"], stride=weight.shape[-1])  # (B, d, h, w)
-    B, dim = patches.shape[:2]
-    x = patches.permute(0, 2, 3, 1).reshape(B, -1, dim)  # row-major over the grid
-    x = torch.cat([state["cls_token"].expand(B, 1, dim), x], dim=1)
-    x = x + state["pos_embedding"][:, : x.shape[1]]
-    states, layer = [], 0
-    while f"transformer.layers.{layer}.0.fn.qkv.weight" in state:
-        key = f"transformer.layers.{layer}."
-        y = _layer_norm(x, state, key + "0.norm", BLOCK_EPS)
-        w = (y @ state[key + "0.fn.qkv.weight"].T).unflatten(-1, (heads, -1)).permute(0, 2, 1, 3)
-        o = F.scaled_dot_product_attention(w, w, w).permute(0, 2, 1, 3).flatten(-2)  # scale p^{-½}
-        if key + "0.fn.to_out.0.weight" in state:
-            o = o @ state[key + "0.fn.to_out.0.weight"].T
-        z_half = x + o
-        u = _layer_norm(z_half, state, key + "1.norm", BLOCK_EPS)
-        D, D1 = state[key + "1.fn.D"], state[key + "1.fn.D1"]
-        a1 = F.relu(eta * u @ D - eta * lam)
-        a2 = F.relu(a1 - eta * (a1 @ D.T - u) @ D - eta * lam)
-        z_next = z_half + a2 @ D1.T
-        states.append((x, z_half, z_next))
-        x, layer = z_next, layer + 1
-    pooled = _layer_norm(x[:, 0], state, "mlp_head.0", HEAD_EPS)
-    return pooled @ state["mlp_head.1.weight"].T + state["mlp_head.1.bias"], states
 
 
 @dataclass(frozen=True)
@@ -124,9 +91,10 @@ def test_official_alpha_equals_independent_functional_implementation(problem):
     P = problem.patch_size
     images = randn((problem.batch, problem.channels, problem.grid[0] * P, problem.grid[1] * P), generator)
     with torch.no_grad():
-        expected_logits, expected_states = functional_crate_alpha(
-            state, images, problem.heads, problem.eta, problem.lam
+        expected_states = plain_alpha.layer_states(
+            state, images, problem.heads, "sdpa", problem.eta, problem.lam
         )
+        expected_logits = plain_alpha.head(state, expected_states[-1][-1])
         logits, states = model(images), model.forward_intermediates(images)
     assert_close(logits, expected_logits, 1e-12 * (1 + max_abs(expected_logits)), "logits")
     assert len(states) == len(expected_states) == problem.depth
