@@ -120,6 +120,19 @@ def options_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def loading_table(benchmarks: list[dict]) -> str:
+    """Decode + augment images/s of one loader worker (one process, one thread), per recipe."""
+    lines = [
+        "| transform (224² output, generated ~100 KB JPEGs) | images/s per worker, median (min–max) |",
+        "|---|---|",
+    ]
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if "images_per_s_per_worker" in info:
+            lines.append(f"| {info['recipe']} | {_range(info['images_per_s_per_worker'], 1)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
@@ -147,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     print(forms_table(benchmarks))
     print()
     print(options_table(benchmarks))
+    loading = loading_table(benchmarks)
+    if loading:
+        print()
+        print(loading)
 
 
 if __name__ == "__main__":

@@ -12,62 +12,41 @@ Writes audit.json, audit.md, layers.png and attention.png and prints the table.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import timm
 import timm.data
 import torch
-from safetensors.torch import load_file
 
-from . import analysis, checkpoint
-from .alpha import CRATEAlpha
+from . import analysis, sources
 from .data import FashionMNIST
-from .model import CRATE, convert_official_state_dict
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def load_model(path: Path, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
     """(model in eval mode, model name) from a run folder, checkpoint folder or weights file."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        model_name = model_name or json.loads((path / "config.json").read_text())["model"]
-        path = checkpoint.latest(path)
-    elif path.is_dir() and (path.parent / "config.json").is_file():
-        model_name = model_name or json.loads((path.parent / "config.json").read_text())["model"]
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if model_name is None:
+    source = sources.read_source(path)
+    name = model_name or source.model_name
+    if name is None:
         raise ValueError(f"{path} comes with no config.json: name the architecture with --model")
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = convert_official_state_dict(state)  # released key names -> this project's
-    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    model = timm.create_model(model_name, num_classes=num_classes)
-    _check_family(state, model, path, model_name)
-    model.load_state_dict(convert_official_state_dict(state, model), strict=True)
-    return model.eval(), model_name
+    _check_family(source.state, name, path)
+    return sources.build_model(source, name)
 
 
-def _check_family(state: dict, model: torch.nn.Module, path: Path, model_name: str) -> None:
+def _check_family(state: dict, model_name: str, path: Path) -> None:
     """A CRATE-α checkpoint (ODL dictionaries blocks.*.odl.D/D1) needs a crate_alpha_* model and a
     CRATE checkpoint (ISTA dictionaries blocks.*.ista.weight) a crate_* one: say so before the
     key-by-key mismatch list."""
-    if not isinstance(model, CRATE):
+    if not model_name.startswith("crate_"):
         return
-    holds_alpha = any(".odl." in key for key in state)
-    holds_crate = any(".ista." in key for key in state)
-    if holds_alpha and not isinstance(model, CRATEAlpha):
+    is_alpha = model_name.startswith("crate_alpha_")
+    if any(".odl." in key for key in state) and not is_alpha:
         raise ValueError(
             f"{path} holds CRATE-α weights (ODL dictionaries D, D1), but --model {model_name} is a CRATE; "
             "name a crate_alpha_* model of the checkpoint's size (e.g. crate_alpha_base_patch16_224)"
         )
-    if holds_crate and isinstance(model, CRATEAlpha):
+    if any(".ista." in key for key in state) and is_alpha:
         raise ValueError(
             f"{path} holds CRATE weights (ISTA dictionaries), but --model {model_name} is a CRATE-α; "
             "name a crate_* model of the checkpoint's size (e.g. crate_base_patch16_224)"

@@ -1,17 +1,22 @@
-"""The `crate` command: `crate train ...` (crate.train) and `crate audit ...` (crate.audit)."""
+"""The `crate` command: `crate train ...` (crate.train), `crate eval ...` (crate.evaluate) and
+`crate audit ...` (crate.audit)."""
 
 import sys
+
+COMMANDS = {"train": "crate.train", "eval": "crate.evaluate", "audit": "crate.audit"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": "crate.train", "audit": "crate.audit"}
-    if not argv or argv[0] not in commands:
-        print("usage: crate {train,audit} [options]   (crate train --help for the options)", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print(
+            f"usage: crate {{{','.join(COMMANDS)}}} [options]   (crate train --help for the options)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     from importlib import import_module
 
-    import_module(commands[argv[0]]).main(argv[1:])
+    import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Datasets: Fashion-MNIST from its IDX files (the built-in demo data) and ImageNet-style image folders.
+"""Datasets: the built-in ones (Fashion-MNIST from its IDX files, scikit-learn's digits), image folders,
+and every dataset timm's factory or torchvision names (``open_dataset``).
 
 Fashion-MNIST is read from the files that the Debian package dataset-fashion-mnist installs
 (/usr/share/datasets/fashion-mnist); the option ``--data`` or the environment variable
-CRATE_FASHION_MNIST points elsewhere. Nothing is ever downloaded.
+CRATE_FASHION_MNIST points elsewhere. Nothing is downloaded unless ``download=True`` (``--download``).
 """
 
 import gzip
@@ -84,40 +85,29 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
     return None
 
 
-class FashionMNIST(Dataset):
-    """Fashion-MNIST as normalised float tensors (1, 28, 28) and int labels.
+class InMemoryImages(Dataset):
+    """Grayscale images held in memory, uint8 (n, 1, H, W), with int labels; items are normalised float
+    tensors (1, H, W) and labels.
 
     ``augment``: a random shift of up to ``shift`` pixels (zero padding) and a horizontal flip with
     probability ``hflip``, drawn from a generator seeded by (seed, epoch, index), so a sample's
     augmentation does not depend on workers, batch order or a resumed run (call ``set_epoch``).
     """
 
-    classes = FASHION_MNIST_CLASSES
-
     def __init__(
         self,
-        root: str | Path | None = None,
-        split: str = "train",
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        classes: tuple[str, ...],
         *,
         augment: bool = False,
         hflip: float = 0.5,
         shift: int = 0,
         seed: int = 0,
-        mean: tuple[float, ...] = (0.2860,),
-        std: tuple[float, ...] = (0.3530,),
+        mean: tuple[float, ...] = (0.5,),
+        std: tuple[float, ...] = (0.5,),
     ):
-        if split not in FASHION_MNIST_FILES:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        folder = fashion_mnist_root(root)
-        paths = [_idx_path(folder, stem) for stem in FASHION_MNIST_FILES[split]]
-        missing = [stem for stem, path in zip(FASHION_MNIST_FILES[split], paths, strict=True) if path is None]
-        if missing:
-            raise FileNotFoundError(f"{folder} lacks {missing}")
-        images, labels = read_idx(paths[0]), read_idx(paths[1])
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
-        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # (n, 1, 28, 28) uint8
-        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.images, self.targets, self.classes = images, targets, classes
         self.augment, self.hflip, self.shift, self.seed, self.epoch = augment, hflip, shift, seed, 0
         self.mean, self.std = float(mean[0]), float(std[0])
 
@@ -136,12 +126,85 @@ class FashionMNIST(Dataset):
     def _augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
         if self.shift:
-            s = self.shift
+            s, (height, width) = self.shift, image.shape[-2:]
             dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
-            image = F.pad(image, (s, s, s, s))[:, dy : dy + 28, dx : dx + 28]
+            image = F.pad(image, (s, s, s, s))[:, dy : dy + height, dx : dx + width]
         if torch.rand((), generator=generator) < self.hflip:
             image = image.flip(-1)
         return image
+
+
+class FashionMNIST(InMemoryImages):
+    """Fashion-MNIST (70,000 images 28×28 of 10 clothing classes) from the Debian package's IDX files."""
+
+    def __init__(self, root: str | Path | None = None, split: str = "train", **options):
+        if split not in FASHION_MNIST_FILES:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        folder = fashion_mnist_root(root)
+        paths = [_idx_path(folder, stem) for stem in FASHION_MNIST_FILES[split]]
+        missing = [stem for stem, path in zip(FASHION_MNIST_FILES[split], paths, strict=True) if path is None]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {missing}")
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+        images = torch.from_numpy(images.copy()).unsqueeze(1)  # (n, 1, 28, 28) uint8
+        super().__init__(images, torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES, **options)
+
+
+DIGITS_TEST_FRACTION = 0.3  # the fixed held-out split: 30% of each class, chosen with seed 0
+
+
+class Digits(InMemoryImages):
+    """scikit-learn's handwritten digits (1,797 real 8×8 scans, 10 classes, from the UCI repository;
+    bundled with the package), upsampled bilinearly to 28×28 so that Fashion-MNIST's models read them.
+
+    The split is fixed: 30% of each class (chosen with seed 0) is the test split, the rest the train
+    split. ``labels_per_class`` keeps the first k of each class of the train split in an order drawn
+    with ``subset_seed``: the few-label settings of the transfer experiment.
+    """
+
+    def __init__(self, split: str = "train", labels_per_class: int = 0, subset_seed: int = 0, **options):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as error:
+            raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from error
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float()[:, None] / 16  # (1797, 1, 8, 8) in [0, 1]
+        images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
+        images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        targets = torch.from_numpy(digits.target.astype(np.int64))
+        indices = _digits_split(targets, split)
+        if labels_per_class:
+            indices = _per_class(targets, indices, labels_per_class, subset_seed)
+        classes = tuple(str(digit) for digit in range(10))
+        super().__init__(images[indices], targets[indices], classes, **options)
+
+
+def _digits_split(targets: torch.Tensor, split: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    chosen = []
+    for label in range(10):
+        members = (targets == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        test_count = round(DIGITS_TEST_FRACTION * len(members))
+        chosen.append(members[:test_count] if split == "test" else members[test_count:])
+    return torch.cat(chosen).sort().values
+
+
+def _per_class(targets: torch.Tensor, indices: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(10):
+        members = indices[targets[indices] == label]
+        if count > len(members):
+            raise ValueError(
+                f"labels_per_class={count}, but class {label} has {len(members)} training images"
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen).sort().values
 
 
 class ImageFolderSkippingCorrupt(Dataset):
@@ -181,3 +244,142 @@ def collate_skipping_none(batch: list):
     if not kept:
         return None
     return default_collate(kept)
+
+
+# -- datasets by name: timm's factory and torchvision ------------------------------------------------------
+# torchvision datasets that timm's factory does not cover: name -> (class, train split, evaluation split)
+TORCHVISION_DATASETS = {
+    "torchvision/flowers102": ("Flowers102", "train", "test"),  # the official fine-tuning's splits
+    "torchvision/oxford_iiit_pet": ("OxfordIIITPet", "trainval", "test"),
+}
+TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "wds/", "tfds/")
+
+
+def open_dataset(
+    name: str, root: str | Path, split: str, *, training: bool, download: bool = False, **kwargs
+):
+    """A dataset by name, without a transform (set ``dataset.transform`` afterwards):
+
+    - ``torch/cifar10``, ``torch/cifar100``, ``torch/mnist``, ... , ``hfds/<hub name>`` (map-style),
+      ``hfids/<hub name>``, ``wds/<name>``, ``tfds/<name>`` (streamed shards) through timm's
+      ``create_dataset`` (split names as timm takes them: train / validation / test);
+    - ``torchvision/flowers102``, ``torchvision/oxford_iiit_pet`` through torchvision ("train" and
+      "validation" map to each one's train and test splits, as the official fine-tuning uses them);
+    - ``folder``: an image folder, ``root/<split>/<class>/*`` (or ``root/<class>/*``).
+
+    Nothing is downloaded unless ``download``; a missing dataset raises FileNotFoundError saying where
+    it looked and which flag or folder fixes it.
+    """
+    root = Path(root)
+    try:
+        if name in TORCHVISION_DATASETS:
+            return _torchvision_dataset(name, root, split, download)
+        if name.startswith(TIMM_PREFIXES) or name == "folder":
+            import timm.data
+
+            timm_name = "" if name == "folder" else name
+            return timm.data.create_dataset(
+                timm_name, root=str(root), split=split, is_training=training, download=download, **kwargs
+            )
+    except (RuntimeError, FileNotFoundError, OSError, AssertionError) as error:
+        if download:
+            raise
+        raise FileNotFoundError(
+            f"dataset {name!r} ({split}) not found under {root}: {type(error).__name__}: {error}. "
+            f"Pass --download to fetch it into {root}, or --data with the folder that holds it"
+        ) from error
+    known = ", ".join(["fashion-mnist", "digits", "imagenet", "folder", *TORCHVISION_DATASETS])
+    raise ValueError(
+        f"unknown dataset {name!r}: use one of {known}, or a timm name ({', '.join(TIMM_PREFIXES)}...)"
+    )
+
+
+def _torchvision_dataset(name: str, root: Path, split: str, download: bool):
+    import torchvision.datasets
+
+    class_name, train_split, test_split = TORCHVISION_DATASETS[name]
+    split = (
+        train_split
+        if split in ("train", "training")
+        else test_split
+        if split in ("validation", "val", "test")
+        else split
+    )
+    dataset_class = getattr(torchvision.datasets, class_name)
+    return dataset_class(str(root), split=split, download=download)
+
+
+def class_count(dataset) -> int | None:
+    """The number of classes a dataset declares (torchvision's ``classes``, timm readers'
+    ``class_to_idx``), None when it does not say (streamed datasets without a class map)."""
+    dataset = getattr(dataset, "dataset", dataset)  # a Subset
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return len(classes)
+    class_to_idx = getattr(getattr(dataset, "reader", None), "class_to_idx", None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+# -- one split of any dataset, prepared for a model ---------------------------------------------------------
+DEFAULT_DATA_ROOT = Path("data")  # where named datasets live (and --download puts them) without --data
+
+
+def open_split(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    *,
+    training: bool,
+    download: bool = False,
+    labels_per_class: int = 0,
+    seed: int = 0,
+):
+    """One split of a dataset, not yet prepared for a model (``prepare``): "fashion-mnist" and "digits"
+    (built in; split "train" or anything else for the test split), "imagenet" (a folder with train/
+    and val/: split "train" or anything else for val/), or a name ``open_dataset`` takes (root
+    default: data/<name>)."""
+    is_train = split in ("train", "training")
+    if name == "fashion-mnist":
+        return FashionMNIST(root, "train" if is_train else "test")
+    if name == "digits":
+        if labels_per_class and not is_train:
+            labels_per_class = 0  # the few-label settings thin the training split only
+        return Digits("train" if is_train else "test", labels_per_class, subset_seed=seed)
+    if labels_per_class:
+        raise ValueError(f"labels_per_class is for the digits dataset, not {name!r}")
+    if name == "imagenet":
+        folder = Path(root or "") / ("train" if is_train else "val")
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"ImageNet not found: {folder} is not a folder. Pass --data with a folder holding train/ and "
+                "val/ in torchvision's ImageFolder layout (one sub-folder per class)"
+            )
+        return ImageFolderSkippingCorrupt(folder)
+    root = Path(root) if root else DEFAULT_DATA_ROOT / name.replace("/", "-")
+    timm_options = dict(seed=seed) if name.startswith(TIMM_PREFIXES) else {}
+    return open_dataset(name, root, split, training=training, download=download, **timm_options)
+
+
+class ConvertMode:
+    """PIL image -> the model's colour mode ("L" or "RGB"), first in a transform pipeline."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image.convert(self.mode)
+
+
+def prepare(dataset, transform, mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> None:
+    """Make ``dataset`` yield what the model reads: in-memory images are normalised with the model's
+    mean and std; image datasets get ``transform``, after a conversion to the model's colour mode."""
+    if isinstance(dataset, InMemoryImages):
+        if channels != 1:
+            raise ValueError(
+                f"{type(dataset).__name__} has 1-channel images; the model reads {channels} channels"
+            )
+        dataset.mean, dataset.std = float(mean[0]), float(std[0])
+        return
+    from torchvision import transforms
+
+    dataset.transform = transforms.Compose([ConvertMode("L" if channels == 1 else "RGB"), transform])

@@ -1,9 +1,12 @@
-"""Train CRATE, CRATE-α (or any timm model) on ImageNet or on the built-in Fashion-MNIST.
+"""Train or fine-tune CRATE, CRATE-α (or any timm model) on the built-in data, ImageNet or any dataset
+timm or torchvision names.
 
     crate train --preset fashion-mnist                                   # the CPU demo (make demo)
     crate train --preset fashion-mnist --model crate_alpha_mini_patch4_28   # the same, CRATE-α
     crate train --preset paper --data /data/imagenet                     # one GPU, the paper's recipe
     crate train --preset alpha-finetune --data /data/imagenet            # CRATE-α-B/16: IN-21K -> IN-1K
+    crate train --preset transfer --finetune crate_base.pth --dataset torch/cifar10 --download
+    crate train --finetune runs/demo-crate_mini_patch4_28 --dataset digits --freeze   # a linear probe
     torchrun --standalone --nproc_per_node=8 -m crate.train --preset paper --data /data/imagenet
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         -m crate.train --preset paper --data /data/imagenet              # two nodes, run on each
@@ -12,19 +15,27 @@ Every preset value can be overridden (``--lr 1e-3``, ``--model crate_small_patch
 configuration is saved as config.json in the run folder. ``--resume`` continues a run exactly from its
 latest checkpoint. Batch sizes are global; the learning rate is given at ``lr_batch`` and scaled
 linearly to the global batch. The class count comes from the dataset (Fashion-MNIST: 10; ImageNet:
-the class folders of train/). ``--pretrained`` starts from timm's weights for the model name (a tag
-picks them: ``crate_alpha_base_patch16_224.in21k``) or from ``--pretrained-file PATH`` (any
-checkpoint this project or the releases wrote; nothing is downloaded then); a classifier of another
-class count is dropped and a new one initialised.
+the class folders of train/; named datasets: the classes they declare, else ``--num-classes``).
+
+``--finetune SOURCE`` starts from trained weights (crate/sources.py: a run or checkpoint folder, a
+.safetensors or .pth file in this project's or a released layout, or a timm name with published
+weights such as ``crate_alpha_base_patch16_224.in21k``): every tensor but the classifier loads
+strictly, the classifier is new for the task's classes, a position embedding of another patch grid
+is resampled, and the log (and finetune.txt in the run folder) names every tensor not loaded and why.
+The model is the one the source names unless ``--model`` says otherwise. ``--freeze`` then trains the
+classifier alone (a linear probe), ``--layer-decay`` scales the learning rate down layer by layer.
+Named datasets are read from ``--data`` (default data/<name>) and downloaded only with ``--download``.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +48,6 @@ import timm.optim
 import timm.scheduler
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -45,9 +55,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from . import analysis, checkpoint
-from .data import FashionMNIST, ImageFolderSkippingCorrupt, collate_skipping_none
-from .model import CRATE, convert_official_state_dict
+from . import analysis, checkpoint, data, sources
+from .data import collate_skipping_none
+from .evaluate import measure
+from .model import CRATE
 
 log = logging.getLogger("crate.train")
 
@@ -56,10 +67,21 @@ log = logging.getLogger("crate.train")
 class TrainConfig:
     preset: str = "fashion-mnist"
     model: str = "crate_mini_patch4_28"  # any timm model name (crate_*, crate_alpha_*: `import crate`)
-    pretrained: bool = False  # start from the model's published weights (timm; a tag picks them)
-    pretrained_file: str | None = None  # ... or from this checkpoint (.pth/.safetensors), with --pretrained
-    dataset: str = "fashion-mnist"  # "fashion-mnist" or "imagenet" (a folder with train/ and val/)
-    data: str | None = None  # dataset folder (fashion-mnist: default from crate.data)
+    finetune: str | None = None  # weights to start from, classifier anew (crate/sources.py; see above)
+    freeze: bool = False  # train the classifier alone (a linear probe); every other tensor stays as loaded
+    layer_decay: float = 0.0  # layer-wise lr decay through timm's parameter groups (0: off; e.g. 0.75)
+    # fashion-mnist, digits (scikit-learn's, 28×28), imagenet (a folder with train/ and val/), folder,
+    # torch/cifar10, torch/cifar100, hfds/<name>, wds/<name>, ..., torchvision/flowers102,
+    # torchvision/oxford_iiit_pet (crate.data.open_split)
+    dataset: str = "fashion-mnist"
+    data: str | None = None  # dataset folder (fashion-mnist: crate.data's default; named ones: data/<name>)
+    download: bool = False  # fetch a named dataset into --data when missing (never without this flag)
+    train_split: str = "train"
+    val_split: str = "validation"
+    labels_per_class: int = 0  # digits: k training labels per class, drawn with the seed (0: all)
+    num_classes: int = 0  # the class count, for datasets that do not declare theirs (0: the dataset's)
+    eval_crop_pct: float = 0.0  # evaluation resize/crop ratio (0: the model's, e.g. 0.875: 256 -> 224)
+    eval_crop_mode: str = "center"  # timm's crop_mode: "center", or "squash" (resize without cropping)
     output: str = "runs/fashion-mnist"  # run folder: config.json, metrics.jsonl, checkpoints
     epochs: int = 12
     batch_size: int = 128  # global
@@ -73,8 +95,13 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0  # Mixup alpha (0: off)
     cutmix: float = 0.0  # CutMix alpha (0: off)
-    auto_augment: str | None = None  # timm policy string, e.g. "rand-m9-mstd0.5-inc1" (ImageNet only)
-    reprob: float = 0.0  # random erasing probability (ImageNet only)
+    # timm policy string, e.g. "rand-m9-mstd0.5-inc1", or "tv-rand-n2-m14" for torchvision's RandAugment
+    # (the official fine-tuning's); image datasets only
+    auto_augment: str | None = None
+    reprob: float = 0.0  # random erasing probability (image datasets only)
+    color_jitter: float = (
+        0.0  # brightness/contrast/saturation jitter without RandAugment (timm's default: 0.4)
+    )
     hflip: float = 0.5
     random_shift: int = 0  # Fashion-MNIST: random translation by up to this many pixels
     ema_decay: float = 0.0  # model EMA decay (0: off)
@@ -88,7 +115,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at each epoch end)
     keep_checkpoints: int = 2
-    telemetry_batch: int = 64  # fixed evaluation images for the per-layer white-box telemetry
+    telemetry_batch: int = 64  # fixed evaluation images for the per-layer white-box telemetry (0: none)
+    eval_every: int = 1  # epochs between evaluations (and epoch-end checkpoints); the last step always
     train_subset: int = 0  # use only the first n training images (0: all)
     eval_subset: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
@@ -149,8 +177,8 @@ PRESETS = {
     #   magnitude N(9, 0.5²), increasing ops); here timm's own "rand-m9-n2-mstd0.5-inc1", whose op set
     #   differs slightly; its label smoothing puts 0.9 (not 0.9 + 0.1/1000) on the true class.
     "alpha-finetune": dict(  # ImageNet-1K fine-tuning of the ImageNet-21K pre-trained CRATE-α-B/16
-        model="crate_alpha_base_patch16_224.in21k",
-        pretrained=True,
+        model="crate_alpha_base_patch16_224",
+        finetune="crate_alpha_base_patch16_224.in21k",
         # The release does not load the patch embedding's kernel (dont_load: head/*, embedding/kernel)
         # and trains it anew from its random init; here it is loaded with the rest. The head (19,167
         # classes) is dropped because the class count differs.
@@ -183,7 +211,6 @@ PRESETS = {
         # token N(0, 1e-6²), qkv, W_out and head N(0, 0.02²) with zero biases, and flax's kaiming_uniform
         # on the (d, 4d) dictionaries, whose fan-in is d: U(±√(6/d)), so η‖D‖₂² ≈ 1.8 at init, not 0.45).
         model="crate_alpha_base_patch16_224",
-        pretrained=False,
         dataset="imagenet",
         output="runs/imagenet21k-alpha-pretrain",
         epochs=91,
@@ -205,6 +232,31 @@ PRESETS = {
         workers=8,
         checkpoint_every=1000,
     ),
+    # The official fine-tuning (Ma-Lab-Berkeley/CRATE finetune.py, official-architecture notes in
+    # README "Transfer"): an ImageNet-trained CRATE (--finetune SOURCE) on CIFAR-10 at 224² inputs.
+    # CIFAR-100: same; Flowers-102 and Oxford-IIIT Pets: --lr 1e-4 --epochs 400 and their dataset names.
+    # The official head is LayerNorm + Linear re-created; here the Linear is new and the LayerNorm
+    # (fc_norm) is loaded. Mixed precision is bf16 autocast (the official script: fp16 with a scaler).
+    "transfer": dict(
+        model="crate_base_patch16_224",
+        dataset="torch/cifar10",
+        output="runs/transfer-cifar10",
+        epochs=200,
+        batch_size=256,
+        lr=5e-5,
+        lr_batch=256,
+        min_lr=0.0,
+        warmup_epochs=0.0,  # cosine from the first step, no warm-up
+        weight_decay=0.01,  # AdamW(weight_decay=0.01), betas (0.9, 0.999)
+        opt="adamw",
+        label_smoothing=0.0,
+        auto_augment="tv-rand-n2-m14",  # torchvision's RandAugment(2, 14) after crop and flip
+        hflip=0.5,
+        eval_crop_pct=1.0,  # the official test transform: Resize((224, 224)), no crop
+        eval_crop_mode="squash",
+        workers=8,
+        checkpoint_every=1000,
+    ),
 }
 
 
@@ -221,7 +273,12 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     preset = args.get("preset", TrainConfig.preset)
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    config = TrainConfig(**(PRESETS[preset] | args))
+    values = PRESETS[preset] | args
+    if values.get("finetune") and "model" not in args:  # the architecture the source names, if any
+        values["model"] = sources.source_model_name(values["finetune"]) or values.get(
+            "model", TrainConfig.model
+        )
+    config = TrainConfig(**values)
     try:
         check_config(config)
     except ValueError as error:
@@ -232,11 +289,17 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
 def check_config(config: TrainConfig) -> None:
     """Options that cannot work together or cannot be parsed: a ValueError saying what was expected."""
     opt_betas(config)
-    if config.pretrained_file and not config.pretrained:
+    if config.freeze and not config.finetune:
         raise ValueError(
-            f"--pretrained-file {config.pretrained_file} is read only with --pretrained: add --pretrained "
-            "(or leave out --pretrained-file to train from a random initialisation)"
+            "--freeze trains only the classifier on top of trained weights: add --finetune SOURCE "
+            "(or leave out --freeze to train every parameter)"
         )
+    if not 0 <= config.layer_decay < 1:
+        raise ValueError(f"--layer-decay must be in [0, 1) (0: off; e.g. 0.75), got {config.layer_decay}")
+    if config.eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1 (epochs between evaluations), got {config.eval_every}")
+    if config.eval_crop_mode not in ("center", "squash", "border"):
+        raise ValueError(f"--eval-crop-mode must be center, squash or border, got {config.eval_crop_mode!r}")
 
 
 def opt_betas(config: TrainConfig) -> tuple[float, float] | None:
@@ -279,41 +342,110 @@ def setup_distributed() -> Distributed:
 
 
 # -- data --------------------------------------------------------------------------------------------
-def build_datasets(config: TrainConfig, model: torch.nn.Module) -> tuple[Dataset, Dataset]:
+def open_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The training and evaluation splits, not yet prepared for a model (``prepare_datasets``)."""
+    common = dict(download=config.download, seed=config.seed)
+    train = data.open_split(
+        config.dataset,
+        config.data,
+        config.train_split,
+        training=True,
+        labels_per_class=config.labels_per_class,
+        **common,
+    )
+    test = data.open_split(config.dataset, config.data, config.val_split, training=False, **common)
+    train_classes, test_classes = getattr(train, "classes", None), getattr(test, "classes", None)
+    if config.dataset == "imagenet" and train_classes != test_classes:
+        root = Path(config.data)
+        raise ValueError(
+            f"{root / 'val'} and {root / 'train'} must hold the same class folders (the labels are their "
+            f"sorted order); only in train/: {_few(set(train_classes) - set(test_classes))}, "
+            f"only in val/: {_few(set(test_classes) - set(train_classes))}"
+        )
+    return train, test
+
+
+def _few(names: set[str]) -> str:
+    names = sorted(names)
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
+def dataset_classes(config: TrainConfig, train: Dataset | None = None) -> int:
+    """The task's class count: --num-classes when given, else what the training split declares."""
+    if config.num_classes:
+        return config.num_classes
+    count = data.class_count(train if train is not None else open_datasets(config)[0])
+    if count is None:
+        raise ValueError(f"{config.dataset} does not declare its classes: pass --num-classes")
+    return count
+
+
+def prepare_datasets(config: TrainConfig, model: torch.nn.Module, train: Dataset, test: Dataset) -> None:
+    """Normalise the built-in images with the model's mean and std; give image datasets the model's
+    training transform (timm's: random-resized crop, flip, the --auto-augment policy, random erasing)
+    and its evaluation transform (resize and centre crop by the model's crop_pct, or --eval-crop-*)."""
     data_config = timm.data.resolve_data_config({}, model=model)
-    if config.dataset == "fashion-mnist":
-        train = FashionMNIST(
-            config.data,
-            "train",
-            augment=True,
-            hflip=config.hflip,
-            shift=config.random_shift,
-            seed=config.seed,
-            mean=data_config["mean"],
-            std=data_config["std"],
+    channels = data_config["input_size"][0]
+    if isinstance(train, data.InMemoryImages):
+        train.augment, train.hflip, train.shift, train.seed = (
+            True,
+            config.hflip,
+            config.random_shift,
+            config.seed,
         )
-        test = FashionMNIST(config.data, "test", mean=data_config["mean"], std=data_config["std"])
-    elif config.dataset == "imagenet":
-        root = _imagenet_root(config)
-        train_transform = timm.data.create_transform(
-            **data_config,
-            is_training=True,
-            auto_augment=config.auto_augment,
-            re_prob=config.reprob,
-            hflip=config.hflip,
+    data.prepare(
+        train, train_transform(config, data_config), data_config["mean"], data_config["std"], channels
+    )
+    data.prepare(test, eval_transform(config, data_config), data_config["mean"], data_config["std"], channels)
+
+
+def train_transform(config: TrainConfig, data_config: dict):
+    policy = config.auto_augment
+    torchvision_policy = policy if policy and policy.startswith("tv-rand-") else None
+    transform = timm.data.create_transform(
+        **data_config,
+        is_training=True,
+        auto_augment=None if torchvision_policy else policy,
+        color_jitter=config.color_jitter or None,
+        re_prob=config.reprob,
+        hflip=config.hflip,
+    )
+    if torchvision_policy:
+        transform.transforms.insert(
+            _to_tensor_position(transform), _torchvision_rand_augment(torchvision_policy)
         )
-        train = ImageFolderSkippingCorrupt(root / "train", train_transform)
-        test = ImageFolderSkippingCorrupt(root / "val", timm.data.create_transform(**data_config))
-        if test.classes != train.classes:
-            only_train = sorted(set(train.classes) - set(test.classes))
-            only_val = sorted(set(test.classes) - set(train.classes))
-            raise ValueError(
-                f"{root / 'val'} and {root / 'train'} must hold the same class folders (the labels are their "
-                f"sorted order); only in train/: {only_train[:5]}{' ...' if len(only_train) > 5 else ''}, "
-                f"only in val/: {only_val[:5]}{' ...' if len(only_val) > 5 else ''}"
-            )
-    else:
-        raise ValueError(_DATASET_ERROR.format(config.dataset))
+    return transform
+
+
+def eval_transform(config: TrainConfig, data_config: dict):
+    crop_pct = config.eval_crop_pct or data_config["crop_pct"]
+    return timm.data.create_transform(
+        **(data_config | dict(crop_pct=crop_pct, crop_mode=config.eval_crop_mode))
+    )
+
+
+def _to_tensor_position(transform) -> int:
+    names = [type(step).__name__ for step in transform.transforms]
+    return next(i for i, name in enumerate(names) if "ToTensor" in name)
+
+
+def _torchvision_rand_augment(policy: str):
+    """ "tv-rand-n{N}-m{M}": torchvision's RandAugment(num_ops=N, magnitude=M) (magnitudes of 31 bins),
+    the official fine-tuning's augmentation (timm's own RandAugment scales magnitudes differently)."""
+    from torchvision import transforms
+
+    match = re.fullmatch(r"tv-rand-n(\d+)-m(\d+)", policy)
+    if match is None:
+        raise ValueError(
+            f'--auto-augment {policy!r}: expected "tv-rand-n<ops>-m<magnitude>", e.g. "tv-rand-n2-m14"'
+        )
+    return transforms.RandAugment(num_ops=int(match[1]), magnitude=int(match[2]))
+
+
+def build_datasets(config: TrainConfig, model: torch.nn.Module) -> tuple[Dataset, Dataset]:
+    """Both splits, prepared for ``model`` and cut to --train-subset / --eval-subset."""
+    train, test = open_datasets(config)
+    prepare_datasets(config, model, train, test)
     if config.train_subset:
         train = _subset(train, config.train_subset)
     if config.eval_subset:
@@ -321,81 +453,28 @@ def build_datasets(config: TrainConfig, model: torch.nn.Module) -> tuple[Dataset
     return train, test
 
 
-_DATASET_ERROR = "dataset must be 'fashion-mnist' or 'imagenet', got {!r}"
-
-
-def _imagenet_root(config: TrainConfig) -> Path:
-    root = Path(config.data or "")
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(
-                f"ImageNet not found: {root / split} is not a folder. Pass --data with a folder holding "
-                "train/ and val/ in torchvision's ImageFolder layout (one sub-folder per class)"
-            )
-    return root
-
-
-def dataset_classes(config: TrainConfig) -> int:
-    """The task's class count: 10 for Fashion-MNIST, the class folders of train/ for ImageNet."""
-    if config.dataset == "fashion-mnist":
-        return 10
-    if config.dataset == "imagenet":
-        from torchvision.datasets.folder import find_classes
-
-        return len(find_classes(str(_imagenet_root(config) / "train"))[0])
-    raise ValueError(_DATASET_ERROR.format(config.dataset))
-
-
 # -- model -------------------------------------------------------------------------------------------
-def build_model(config: TrainConfig, load_weights: bool = True) -> torch.nn.Module:
-    """timm.create_model(config.model) with the dataset's class count and the drop-path rate; with
-    --pretrained (and ``load_weights``: a resumed run skips them), the model's published weights or
-    --pretrained-file (converted from the released layouts by the registry's filter), the classifier
-    dropped when its class count differs."""
+def build_model(
+    config: TrainConfig, num_classes: int | None = None, load_weights: bool = True
+) -> torch.nn.Module:
+    """timm.create_model(config.model) with the task's class count and the drop-path rate; with
+    --finetune (and ``load_weights``: a resumed run restores every weight itself) the source's weights,
+    all but the classifier (crate/sources.py), and with --freeze every parameter but the classifier's
+    frozen. The note on what was loaded is logged and kept as ``model.finetune_report``."""
     check_config(config)
-    kwargs = dict(drop_path_rate=config.drop_path, num_classes=dataset_classes(config))
-    if config.pretrained and load_weights:
-        kwargs["pretrained"] = True
-        if config.pretrained_file:
-            path = Path(config.pretrained_file)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"--pretrained-file {path}: no such file (expected a .pth or .safetensors state dict)"
-                )
-            # timm drops the classifier when the model's class count differs from the cfg's: the
-            # cfg's is the file's here, not the one the model name's default weights have
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path), num_classes=checkpoint_classes(path))
-        else:
-            cfg = timm.models.get_pretrained_cfg(config.model)
-            if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
-                raise ValueError(
-                    f"--pretrained: timm has no published weights for {config.model} (its pretrained cfg "
-                    "names no URL, Hub repository or file); pass --pretrained-file PATH with a checkpoint, "
-                    "choose a model name with weights (e.g. crate_alpha_base_patch16_224.in21k), or leave "
-                    "out --pretrained"
-                )
-    return timm.create_model(config.model, **kwargs)
-
-
-def checkpoint_classes(path: Path) -> int:
-    """The class count of a checkpoint's classifier (0 when it has none), read without loading it all:
-    safetensors headers, or a memory-mapped torch.load."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            state = {
-                key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()
-            }
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    state = convert_official_state_dict(state)
-    head = state.get("head.weight")
-    return int(head.shape[0]) if head is not None else 0
+    num_classes = num_classes if num_classes is not None else dataset_classes(config)
+    model = timm.create_model(
+        config.model.split(".")[0], drop_path_rate=config.drop_path, num_classes=num_classes
+    )
+    model.finetune_report = None
+    if config.finetune and load_weights:
+        model.finetune_report = sources.load_for_finetuning(model, sources.read_source(config.finetune))
+        log.info("%s", model.finetune_report)
+    if config.freeze:
+        head = sources.classifier_prefix(model) + "."
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(head))
+    return model
 
 
 def _subset(dataset: Dataset, size: int) -> Dataset:
@@ -432,35 +511,6 @@ class ResumableSampler(torch.utils.data.Sampler):
         return (len(self.inner) // self.batch_per_rank - self.start_batch) * self.batch_per_rank
 
 
-# -- evaluation --------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, loader, device, autocast) -> dict:
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss = 0.0
-    for batch in loader:
-        if batch is None:
-            continue
-        images, targets = batch[0].to(device), batch[1].to(device)
-        with autocast():
-            logits = model(images).float()
-        loss += F.cross_entropy(logits, targets, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(1).sum().item()
-        total += len(targets)
-    counts = torch.tensor([correct1, correct5, total, loss], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    correct1, correct5, total, loss = counts.tolist()
-    return dict(
-        top1=100 * correct1 / total,
-        top5=100 * correct5 / total,
-        eval_loss=loss / total,
-        eval_images=int(total),
-    )
-
-
 # -- training ----------------------------------------------------------------------------------------
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training; returns the final evaluation metrics. Rank 0 writes everything."""
@@ -472,18 +522,31 @@ def train(config: TrainConfig) -> dict:
         (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     _seed_everything(config.seed)  # the same initial model (and EMA) on every rank
 
-    model = build_model(config, load_weights=not config.resume)  # resuming restores every weight
+    train_set, test_set = open_datasets(config)
+    model = build_model(config, dataset_classes(config, train_set), load_weights=not config.resume)
+    if distributed.is_main and model.finetune_report is not None:
+        (output / "finetune.txt").write_text(f"{model.finetune_report}\n")
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    train_set, test_set = build_datasets(config, model)
+    prepare_datasets(config, model, train_set, test_set)
+    if config.train_subset:
+        train_set = _subset(train_set, config.train_subset)
+    if config.eval_subset:
+        test_set = _subset(test_set, config.eval_subset)
     if config.batch_size % (distributed.world_size * config.accum_steps):
         raise ValueError(
             f"batch_size {config.batch_size} must be divisible by world size × accum_steps "
             f"({distributed.world_size} × {config.accum_steps})"
         )
     micro_batch = config.batch_size // (distributed.world_size * config.accum_steps)
-    sampler = ResumableSampler(train_set, distributed, config.seed, micro_batch * config.accum_steps)
+    # streamed datasets (wds/, hfids/, tfds/) shard and shuffle themselves per rank and worker (timm)
+    streamed = isinstance(train_set, torch.utils.data.IterableDataset)
+    sampler = (
+        None
+        if streamed
+        else ResumableSampler(train_set, distributed, config.seed, micro_batch * config.accum_steps)
+    )
     loader = DataLoader(
         train_set,
         micro_batch,
@@ -497,19 +560,24 @@ def train(config: TrainConfig) -> dict:
         test_set,
         256,
         sampler=torch.utils.data.DistributedSampler(test_set, shuffle=False)
-        if dist.is_initialized()
+        if dist.is_initialized() and not isinstance(test_set, torch.utils.data.IterableDataset)
         else None,
         num_workers=config.workers,
         collate_fn=collate_skipping_none,
     )
-    steps_per_epoch = len(sampler) // (micro_batch * config.accum_steps)
+    steps_per_epoch = (len(train_set) if streamed else len(sampler)) // (micro_batch * config.accum_steps)
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
 
     lr = config.lr * config.batch_size / config.lr_batch
     betas = opt_betas(config)
     optimizer = timm.optim.create_optimizer_v2(
-        model, config.opt, lr=lr, weight_decay=config.weight_decay, **({"betas": betas} if betas else {})
+        model,
+        config.opt,
+        lr=lr,
+        weight_decay=config.weight_decay,
+        layer_decay=config.layer_decay or None,
+        **({"betas": betas} if betas else {}),
     )
     if betas is not None and "betas" not in optimizer.param_groups[0]:  # timm drops unknown arguments
         raise ValueError(
@@ -554,9 +622,7 @@ def train(config: TrainConfig) -> dict:
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     autocast = _autocast(config, device)
-    telemetry_images = torch.stack(
-        [test_set[i][0] for i in range(min(config.telemetry_batch, len(test_set)))]
-    )
+    telemetry_images = _first_images(test_set, config.telemetry_batch)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -576,7 +642,10 @@ def train(config: TrainConfig) -> dict:
     skipped_images = 0
     while step < total_steps:
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, batch_in_epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch, batch_in_epoch)
+        elif batch_in_epoch:  # a stream cannot skip to a batch: the epoch's remaining steps see its start
+            log.warning("resumed mid-epoch on a streamed dataset: epoch %d's stream restarts", epoch)
         getattr(train_set, "set_epoch", lambda e: None)(epoch)
         model.train()
         tick, images_seen = time.perf_counter(), 0
@@ -619,7 +688,7 @@ def train(config: TrainConfig) -> dict:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 _write(metrics_file, record)
                 tick, images_seen = time.perf_counter(), 0
-            end_of_epoch = step % steps_per_epoch == 0
+            end_of_epoch = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every == 0
             if distributed.is_main and (
                 step % config.checkpoint_every == 0 or end_of_epoch or step == total_steps
             ):
@@ -642,8 +711,8 @@ def train(config: TrainConfig) -> dict:
                     start_time,
                 )
                 progress.write(_summary(result))
-            if step == total_steps:
-                break
+            if step == total_steps or step % steps_per_epoch == 0:
+                break  # a stream may yield more batches than an epoch's steps
     progress.close()
     if metrics_file:
         metrics_file.close()
@@ -652,13 +721,23 @@ def train(config: TrainConfig) -> dict:
     return result
 
 
+def _first_images(dataset: Dataset, count: int) -> torch.Tensor | None:
+    """The first ``count`` images of a dataset (of a stream: the first it yields), stacked; None for 0."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = itertools.islice(iter(dataset), count)
+    else:
+        items = (dataset[index] for index in range(min(count, len(dataset))))
+    images = [item[0] for item in items if item is not None]
+    return torch.stack(images) if images else None
+
+
 def _evaluate_and_report(
     model, ema, loader, telemetry_images, device, autocast, step, steps_per_epoch, metrics_file, start_time
 ) -> dict:
     evaluated = ema.module if ema is not None else model
-    result = dict(step=step, epoch=step / steps_per_epoch, **evaluate(evaluated, loader, device, autocast))
+    result = dict(step=step, epoch=step / steps_per_epoch, **measure(evaluated, loader, device, autocast))
     result["train_time_s"] = time.perf_counter() - start_time
-    if isinstance(evaluated, CRATE):  # CRATE and CRATE-α (a subclass): crate.analysis.audit's fields
+    if isinstance(evaluated, CRATE) and telemetry_images is not None:  # CRATE and CRATE-α (a subclass)
         result["whitebox_images"] = len(telemetry_images)
         result["whitebox"] = analysis.audit(evaluated, telemetry_images.to(device))
     _write(metrics_file, result)
@@ -673,8 +752,12 @@ def _summary(result: dict) -> str:
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    enabled = config.amp and (device.type == "cuda" or _cpu_has_native_bf16())
+    enabled = config.amp and _autocast_enabled(device)
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" or _cpu_has_native_bf16()
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -45,7 +45,7 @@ def test_demo_trains_crate_alpha_and_writes_its_audit(tmp_path, capsys):
 def test_a_run_saved_before_new_options_counts_as_complete(tmp_path):
     config = resolve_config(["--output", str(tmp_path), *SHORT])
     saved = dataclasses.asdict(config)
-    for added in ("pretrained", "pretrained_file", "opt_betas"):  # options newer than such a run
+    for added in ("finetune", "freeze", "opt_betas", "eval_every"):  # options newer than such a run
         del saved[added]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     (tmp_path / "summary.json").write_text(json.dumps({"result": {}}))
