@@ -56,7 +56,7 @@ def generate_jpegs(folder, count: int, seed: int = 0, size=(500, 375)) -> None:
         for (x, y), colour in zip(corners.tolist(), colours[1:], strict=True):
             draw.ellipse((x, y, x + size[0] / 3, y + size[1] / 3), fill=tuple(colour))
         pixels = torch.from_numpy(np.asarray(image.filter(ImageFilter.GaussianBlur(3))).copy())
-        pixels += torch.randint(0, 24, pixels.shape, dtype=torch.uint8, generator=generator)
+        pixels += torch.randint(0, 40, pixels.shape, dtype=torch.uint8, generator=generator)
         Image.fromarray(pixels.numpy()).save(target / f"{index:04d}.jpg", quality=90)
 
 

@@ -13,8 +13,9 @@ to train, each for the same number of optimizer steps at the same batch size:
 - linear probe: the same start, only the classifier trained (--freeze);
 - from scratch: the same architecture, randomly initialised.
 
-Each method's learning rate is chosen first with --sweep (three candidates each, on a seed and label
-count of their own, so that no reported run chose it); without --sweep the first candidate is used.
+Each method's learning rate is chosen first with --sweep (four candidates each, 3× apart, on a seed
+and label count of their own, so that no reported run chose it); without --sweep the first
+candidate is used. The README's numbers: `OMP_NUM_THREADS=1 python -m crate.transfer --sweep`.
 
 Writes results.json (every run), transfer.md (mean ± std top-1 per method and label count) and
 transfer.png (top-1 against labels per class) into --output.
@@ -34,9 +35,9 @@ from .train import resolve_config, train
 # method: the training options that make it, and the learning rates tried at batch 32 by --sweep
 # (the first is the default until a sweep picks; README "Transfer" gives the one chosen)
 METHODS = {
-    "fine-tuning": (["--finetune", "{source}"], (1e-3, 3e-4, 3e-3)),
-    "linear probe": (["--finetune", "{source}", "--freeze"], (1e-2, 3e-3, 3e-2)),
-    "from scratch": ([], (2e-3, 6e-4, 6e-3)),
+    "fine-tuning": (["--finetune", "{source}"], (1e-3, 3e-4, 3e-3, 1e-2)),
+    "linear probe": (["--finetune", "{source}", "--freeze"], (1e-2, 3e-3, 3e-2, 1e-1)),
+    "from scratch": ([], (2e-3, 6e-4, 6e-3, 2e-2)),
 }
 SWEEP_SEED, SWEEP_LABELS = 100, 50  # a seed no reported run uses
 BATCH = 32
