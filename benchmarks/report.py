@@ -71,12 +71,13 @@ def throughput_table(benchmarks: list[dict]) -> str:
 
 
 def forms_table(benchmarks: list[dict]) -> str:
-    """The sparse coding blocks' matmul forms: ms per call, GFLOP per call (where recorded), and each
-    form's time over the fast model's form (per-round ratios; >1: the fast form is faster)."""
+    """The blocks' forms (ISTA, ODL, MSSA attention): ms per call, GFLOP per call (where recorded), each
+    form's time over the fast model's form (per-round ratios; >1: the fast form is faster) and, for
+    the attention, the bytes autograd keeps for the backward."""
     lines = [
         "| block (shapes) | mode | form | ms per call median (min–max) | GFLOP per call "
-        "| time / fast form, median (min–max) |",
-        "|---|---|---|---|---|---|",
+        "| time / fast form, median (min–max) | saved for backward (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for bench in benchmarks:
         info = bench["extra_info"]
@@ -85,7 +86,8 @@ def forms_table(benchmarks: list[dict]) -> str:
         block = info.get("block", "ISTA")
         if "batch" in info:
             atoms = f", {info['atoms']} atoms" if "atoms" in info else ""
-            shapes = f"{info['model']}: {info['batch']}×{info['tokens']} tokens, d {info['dim']}{atoms}"
+            width = f"d {info['dim']}" if "dim" in info else f"{info['heads']} heads of {info['head_dim']}"
+            shapes = f"{info['model']}: {info['batch']}×{info['tokens']} tokens, {width}{atoms}"
         else:
             shapes = "CRATE-T"
         names = list(info["milliseconds"])
@@ -93,12 +95,13 @@ def forms_table(benchmarks: list[dict]) -> str:
         over = info.get("time_over_fast") or {
             name: _median(info["milliseconds"][name]) / _median(info["milliseconds"][fast]) for name in names
         }
-        gflops = info.get("gflops_per_call", {})
+        gflops, saved = info.get("gflops_per_call", {}), info.get("saved_mib", {})
         for name in names:
             flops = f"{gflops[name]:.2f}" if name in gflops else "n/a"
+            kept = f"{saved[name]:.1f}" if name in saved and info["mode"] == "train" else "n/a"
             lines.append(
                 f"| {block} ({shapes}) | {info['mode']} | {name} | {_range(info['milliseconds'][name])} | "
-                f"{flops} | {_range(over[name])} |"
+                f"{flops} | {_range(over[name])} | {kept} |"
             )
     return "\n".join(lines)
 

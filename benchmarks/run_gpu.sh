@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU set in under 8 minutes on one H100: the benchmarks (batch 256, bf16 autocast), then the CUDA
-# cases of the verification suite (both families, TF32 included) and the precision tables on the GPU.
+# cases of the verification suite (both families, TF32 included; the training attention and SDPA's
+# flash and memory-efficient kernels, forward and backward) and the precision tables on the GPU.
 # Everything goes to benchmarks/results/ named with the device and the date: <stem>.json and .md (the
 # benchmarks), <stem>-verification.txt (the CUDA test run and both precision tables); commit them.
 #
@@ -42,6 +43,9 @@ $PY -m benchmarks.report "${stem}.json" | tee "${stem}.md"
     echo "# CUDA verification on ${device}, $(date -u +%FT%TZ): torch $($PY -c 'import torch; print(torch.__version__)')"
     CI=1 timeout 150 $PY -m pytest -q -p no:cacheprovider -k cuda \
         verification/test_fast_model.py tests/test_alpha_audit.py 2>&1 | tail -n 30
+    echo "## symmetric attention and SDPA's fused kernels under the precision rule (CRATE-T shapes)"
+    CI=1 timeout 90 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
+        verification/test_symmetric_attention.py 2>&1 | grep -E "forward:|passed|failed|Error"
     for family in crate alpha; do
         timeout 60 $PY -m verification.precision --device cuda --family "$family"
     done

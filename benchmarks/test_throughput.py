@@ -25,7 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import crate
 import crate.alpha
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha, OvercompleteISTA
+from crate.attention import symmetric_attention
 from reference import proximal_gradient_steps
+from verification.test_symmetric_attention import saved_bytes
 
 # family: (timm name of a size, the naive formulation's class and config builder, or None)
 FAMILIES = {
@@ -440,6 +442,40 @@ def test_odl_forms(benchmark, bench, mode):
     benchmark.extra_info.update(info)
 
 
+def attention_forms(scale: float) -> dict[str, Form]:
+    """MSSA's attention softmax(s·WWᵀ)·W under autograd: the fast model's training path
+    (crate.attention.symmetric_attention), the explicit matmul-softmax path (the in-model oracle),
+    and SDPA with autograd through its fused kernel (not used for training: see crate.model.MSSA)."""
+    return {
+        "symmetric (fast model)": lambda w: symmetric_attention(w, scale),
+        "explicit (autograd)": lambda w: ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w,
+        "SDPA (autograd)": lambda w: F.scaled_dot_product_attention(w, w, w, scale=scale),
+    }
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_attention_forms(benchmark, bench, mode):
+    """MSSA's attention at CRATE-T's shapes (6 heads of 64, 197 tokens; smoke: 2 heads of 16, 17
+    tokens) in its three forms; train: forward and backward; also the bytes each keeps for backward."""
+    heads, tokens, head_dim = (2, 17, 16) if bench.smoke else (6, 197, 64)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(bench.batch, heads, tokens, head_dim, generator=generator) / 3**0.5  # released init's
+    w = w.to(bench.device).requires_grad_(mode == "train")
+    forms = attention_forms(head_dim**-0.5)
+    info = time_forms(benchmark, bench, forms, w, [], mode)
+    low = w.detach().to(torch.bfloat16 if bench.amp else torch.float32).requires_grad_()
+    benchmark.extra_info.update(
+        block="MSSA attention",
+        model="CRATE-T" if not bench.smoke else "smoke",
+        batch=bench.batch,
+        tokens=tokens,
+        heads=heads,
+        head_dim=head_dim,
+        saved_mib={name: saved_bytes(form, low) / 2**20 for name, form in forms.items()},
+    )
+    benchmark.extra_info.update(info)
+
+
 OPTIONS = {
     "explicit attention": dict(fused_attn=False),
     "gradient checkpointing": dict(grad_checkpointing=True),
@@ -451,7 +487,7 @@ OPTIONS = {
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("mode", ["inference", "train"])
 def test_speed_options(benchmark, bench, option, mode):
-    """Each option against the default CRATE-T (SDPA for inference, explicit attention under
+    """Each option against the default CRATE-T (SDPA for inference, symmetric_attention under
     autograd), interleaved, in the run's precision (CPU float32, GPU bf16 autocast), except "bf16
     autocast", which is against float32 on either; speed-up = default time / option time."""
     settings = OPTIONS[option]

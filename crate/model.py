@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from crate.attention import symmetric_attention
+
 LAYERNORM_EPS = 1e-5  # the official model's (PyTorch's default)
 
 
@@ -48,10 +50,12 @@ class MSSA(nn.Module):
     """Multi-head subspace self-attention: query = key = value = y·U_k per head (math.md §5).
 
     ``fused_attn`` uses F.scaled_dot_product_attention when no gradient flows through the attention
-    (inference); under autograd it takes the explicit matmul-softmax path, which states the math and
-    is the in-model oracle. Why: PyTorch's CPU SDPA backward recomputes the attention from a saved
-    log-sum-exp, and with peaky attention its float32 gradients were 5–10× less accurate than the
-    explicit path's (verification/precision.py; math.md §8 rule violated), for a 13% faster step.
+    (inference) and, under autograd, ``symmetric_attention`` (crate/attention.py: one backward for
+    q = k = v, three N×N×p products instead of four). ``fused_attn=False`` takes the explicit
+    matmul-softmax path, which states the math and is the in-model oracle. SDPA is not used for
+    training: PyTorch's CPU SDPA backward recomputes the attention from a saved log-sum-exp, and with
+    peaky attention its float32 gradients were 5–10× less accurate than the explicit path's
+    (verification/precision.py; math.md §8 rule violated).
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
     whole width, as officially).
     """
@@ -84,10 +88,12 @@ class MSSA(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         w = self._heads(y)
-        if self.fused_attn and not (torch.is_grad_enabled() and w.requires_grad):
-            o = F.scaled_dot_product_attention(w, w, w)  # default scale p^{-½}
-        else:
+        if not self.fused_attn:
             o = ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ w
+        elif torch.is_grad_enabled() and w.requires_grad:
+            o = symmetric_attention(w, self.scale)
+        else:
+            o = F.scaled_dot_product_attention(w, w, w)  # default scale p^{-½}
         o = o.transpose(1, 2).flatten(2)  # (B, N, K·p)
         return self.proj_drop(self.proj(o))
 
@@ -172,7 +178,7 @@ class CRATEConfig:
     pool: str = "cls"  # "cls" (official) or "mean" over all tokens, cls included
     drop_rate: float = 0.0  # dropout after the position embedding, after W_out and before the head
     drop_path_rate: float = 0.0  # stochastic depth of the MSSA branch, linear in depth
-    fused_attn: bool = True  # SDPA for inference (explicit under autograd, see MSSA); False: explicit
+    fused_attn: bool = True  # SDPA for inference, symmetric_attention under autograd; False: explicit
 
     def __post_init__(self):
         size = _pair(self.img_size)

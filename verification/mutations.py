@@ -290,6 +290,24 @@ MUTATIONS = [
         "(sp.eye(Y.shape[1]) + a * Y.T * Y).det()) / 3",
     ),
     Mutation(
+        "symmetric attention drops the key gradient",
+        "crate/attention.py",
+        "(ds + ds.transpose(-2, -1))",
+        "(2 * ds)",
+    ),
+    Mutation(
+        "symmetric attention backward forgets the scale",
+        "crate/attention.py",
+        "@ (w * ctx.scale)",
+        "@ w",
+    ),
+    Mutation(
+        "symmetric attention value gradient with P, not Pᵀ",
+        "crate/attention.py",
+        "p.transpose(-2, -1) @ do",
+        "p @ do",
+    ),
+    Mutation(
         "symbolic prox branch",
         "reference/symbolic.py",
         "(stationary, stationary >= 0)",

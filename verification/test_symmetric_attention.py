@@ -1,0 +1,180 @@
+"""crate/attention.py's symmetric_attention, the training path of MSSA, against autograd of the
+explicit softmax(s·WWᵀ)·W.
+
+float64: equal to autograd forward and backward (an identity: the symmetric backward is the chain
+rule with the query and key gradients summed), and torch.autograd.gradcheck. Low precision: the
+FlashAttention rule of math.md §8, forward and backward, soft and peaky attention, against the
+explicit path in the same precision. A negative control shows that the rule detects the cheaper
+correction rowsum(dO ∘ O) that crate/attention.py explains it does not use.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from crate.attention import symmetric_attention
+from verification.asserts import assert_close, max_abs
+from verification.precision import PRECISIONS, autocast, errors
+from verification.strategies import log_uniform, seeds
+from verification.test_fast_model import DEVICES, LOW_PRECISIONS
+
+
+def explicit(w: torch.Tensor, scale: float) -> torch.Tensor:
+    return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w
+
+
+def output_and_gradient(attention, w: torch.Tensor, scale: float, upstream: torch.Tensor):
+    w = w.detach().requires_grad_()
+    out = attention(w, scale)
+    (grad,) = torch.autograd.grad(out, w, upstream.to(out.dtype))
+    return out.detach(), grad
+
+
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    tokens=st.integers(1, 9),
+    head_dim=st.integers(1, 7),
+    scale=log_uniform(1e-2, 3.0),
+    magnitude=log_uniform(1e-2, 3.0),
+    seed=seeds(),
+)
+@example(batch=1, heads=1, tokens=1, head_dim=1, scale=1.0, magnitude=1.0, seed=0)  # one token: P = 1
+@example(batch=1, heads=1, tokens=9, head_dim=1, scale=3.0, magnitude=3.0, seed=0)  # peaky, N > p
+def test_symmetric_attention_equals_autograd_in_float64(
+    batch, heads, tokens, head_dim, scale, magnitude, seed
+):
+    """Identity. Tolerance 1e-10·(1 + max|reference|): float64 rounding (u ≈ 1.1e-16) amplified by at
+    most N·(1 + s·max‖w‖²) ≤ 9·(1 + 3·7·9) < 2e3 in these ranges, so 1e-10 leaves a margin of 1e2."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, tokens, head_dim)
+    w = torch.randn(shape, generator=generator, dtype=torch.float64) * magnitude
+    upstream = torch.randn(shape, generator=generator, dtype=torch.float64)
+    out, grad = output_and_gradient(symmetric_attention, w, scale, upstream)
+    ref_out, ref_grad = output_and_gradient(explicit, w, scale, upstream)
+    assert_close(out, ref_out, 1e-10 * (1 + max_abs(ref_out)), "output")
+    assert_close(grad, ref_grad, 1e-10 * (1 + max_abs(ref_grad)), "gradient")
+
+
+def test_symmetric_attention_passes_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 2, 5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: symmetric_attention(w, 0.7), (w,))
+
+
+def crate_t_heads(peaky: bool, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Head tokens at CRATE-T's shapes (B=2, K=6, N=197, p=64): W = LN(Z)·U with the released init's
+    U ~ U(±1/√d), d = 384, so entries have variance 1/3 (soft); peaky: U × 4 as the suite's
+    OfficialProblem. Returns W, an upstream gradient, and the scale p^{-½}."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randn(2, 197, 384, generator=generator, dtype=torch.float64)
+    u = (torch.rand(384, 6 * 64, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(384)
+    w = (y @ (4 * u if peaky else u)).reshape(2, 197, 6, 64).transpose(1, 2)
+    upstream = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+    return w.to(device), upstream.to(device), 64**-0.5
+
+
+def rule_errors(attention, precision: str, peaky: bool, device: str):
+    """(forward, backward) Errors of ``attention`` against float64 on the same rounded inputs, with
+    the explicit path in the same precision as the plain baseline."""
+    dtype, _, u = PRECISIONS[precision]
+    w, upstream, scale = crate_t_heads(peaky, device)
+    w, upstream = w.to(dtype), upstream.to(dtype)
+    ref_out, ref_grad = output_and_gradient(explicit, w.double(), scale, upstream.double())
+    with autocast(precision, device):
+        out, grad = output_and_gradient(attention, w, scale, upstream)
+        plain_out, plain_grad = output_and_gradient(explicit, w, scale, upstream)
+    return errors(out, plain_out, ref_out, u), errors(grad, plain_grad, ref_grad, u)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("peaky", [False, True], ids=["soft", "peaky"])
+def test_symmetric_attention_follows_precision_rule(precision, peaky, device):
+    forward, backward = rule_errors(symmetric_attention, precision, peaky, device)
+    print(f"{precision} {'peaky' if peaky else 'soft'} forward: {forward}; backward: {backward}")
+    assert forward.holds, f"forward: {forward}"
+    assert backward.holds, f"backward: {backward}"
+
+
+class OutputCorrection(torch.autograd.Function):
+    """The symmetric backward with the softmax correction taken as rowsum(dO ∘ O): equal in exact
+    arithmetic, cheaper (a sum over p), and not used by crate/attention.py."""
+
+    @staticmethod
+    def forward(ctx, w, scale):
+        p = ((w @ w.transpose(-2, -1)).float() * scale).softmax(dim=-1).to(w.dtype)
+        o = p @ w
+        ctx.save_for_backward(w, p, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        w, p, o = ctx.saved_tensors
+        correction = (do.float() * o.float()).sum(-1, keepdim=True)
+        ds = ((do @ w.transpose(-2, -1)).float() - correction) * p.float()
+        return p.transpose(-2, -1) @ do + (ds + ds.transpose(-2, -1)).to(w.dtype) @ (w * ctx.scale), None
+
+
+def test_precision_rule_detects_the_output_correction():
+    """Negative control: with peaky bf16 attention the correction from the rounded O loses the
+    cancellation dP_ii − rowsum that P ∘ (dP − rowsum(dP ∘ P)) keeps (measured 2.6× the plain error)."""
+    _, backward = rule_errors(OutputCorrection.apply, "bfloat16", peaky=True, device="cpu")
+    print(backward)
+    assert not backward.holds, f"the rule no longer detects the cheaper correction: {backward}"
+
+
+def saved_bytes(attention, w: torch.Tensor) -> int:
+    """Bytes that autograd keeps for the backward of attention(w), each storage counted once."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        attention(w.detach().requires_grad_())
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_symmetric_attention_saves_only_w_and_p(dtype):
+    """Exact: W (B, K, N, p) and P (B, K, N, N) in W's dtype, less than the explicit path keeps."""
+    w = torch.randn(2, 3, 17, 8, dtype=dtype)
+    expected = (w.numel() + 2 * 3 * 17 * 17) * w.element_size()
+    fast = saved_bytes(lambda w: symmetric_attention(w, 0.125), w)
+    assert fast == expected
+    assert fast <= saved_bytes(lambda w: explicit(w, 0.125), w)
+
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SDPA_BACKENDS = {
+    "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+    "memory-efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def sdpa(backend: str):
+    def attention(w: torch.Tensor, scale: float) -> torch.Tensor:
+        with torch.nn.attention.sdpa_kernel(SDPA_BACKENDS[backend]):
+            return torch.nn.functional.scaled_dot_product_attention(w, w, w, scale=scale)
+
+    return attention
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("backend", list(SDPA_BACKENDS))
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "bf16-autocast"])
+@pytest.mark.parametrize("peaky", [False, True], ids=["soft", "peaky"])
+def test_cuda_sdpa_follows_precision_rule(backend, precision, peaky):
+    """CUDA's fused kernels, forward (the inference path) and backward (which would replace
+    symmetric_attention for training on CUDA if it kept the rule), against the explicit path."""
+    forward, backward = rule_errors(sdpa(backend), precision, peaky, "cuda")
+    weights = "peaky" if peaky else "soft"
+    print(f"SDPA {backend} {precision} {weights} forward: {forward}; backward: {backward}")
+    assert forward.holds, f"forward: {forward}"
+    assert backward.holds, f"backward: {backward}"
