@@ -443,13 +443,13 @@ def test_odl_forms(benchmark, bench, mode):
 
 
 def attention_forms(scale: float) -> dict[str, Form]:
-    """MSSA's attention softmax(s·WWᵀ)·W under autograd: the fast model's training path
-    (crate.attention.symmetric_attention), the explicit matmul-softmax path (the in-model oracle),
-    and SDPA with autograd through its fused kernel (not used for training: see crate.model.MSSA)."""
+    """MSSA's attention softmax(s·WWᵀ)·W under autograd: symmetric_attention (the fast model's
+    training path on the CPU), the explicit matmul-softmax path (the in-model oracle), and SDPA with
+    autograd through its fused kernel (the training path on CUDA; see crate.model.MSSA)."""
     return {
-        "symmetric (fast model)": lambda w: symmetric_attention(w, scale),
+        "symmetric (CPU training)": lambda w: symmetric_attention(w, scale),
         "explicit (autograd)": lambda w: ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w,
-        "SDPA (autograd)": lambda w: F.scaled_dot_product_attention(w, w, w, scale=scale),
+        "SDPA (CUDA training)": lambda w: F.scaled_dot_product_attention(w, w, w, scale=scale),
     }
 
 
