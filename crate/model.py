@@ -49,14 +49,15 @@ class PatchEmbed(nn.Module):
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: query = key = value = y·U_k per head (math.md §5).
 
-    ``fused_attn`` uses F.scaled_dot_product_attention for inference and for training on CUDA, and
-    ``symmetric_attention`` (crate/attention.py: one backward for q = k = v, three N×N×p products
-    instead of four) for training on the CPU. ``fused_attn=False`` takes the explicit matmul-softmax
-    path, which states the math and is the in-model oracle. Why per device: CUDA's fused SDPA
-    backward keeps the precision rule of math.md §8 (verification/test_symmetric_attention.py) and
-    was 2.7× faster than symmetric_attention on an H100, keeping half the memory; PyTorch's CPU SDPA
-    backward recomputes the attention from a saved log-sum-exp, and with peaky attention its float32
-    gradients were 5–10× less accurate than the explicit path's (the rule violated).
+    ``fused_attn`` uses F.scaled_dot_product_attention for inference and for training in float16 or
+    bfloat16 (autocast included) on CUDA, and ``symmetric_attention`` (crate/attention.py: one
+    backward for q = k = v, three N×N×p products instead of four) for the other training.
+    ``fused_attn=False`` takes the explicit matmul-softmax path, which states the math and is the
+    in-model oracle. Why: SDPA's backward must keep the precision rule of math.md §8
+    (verification/test_symmetric_attention.py). CUDA's flash and memory-efficient kernels keep it
+    in float16 and bfloat16, 2.7× faster than symmetric_attention on an H100 with half the memory;
+    in float32 the memory-efficient kernel's gradients were 6–17× less accurate than the explicit
+    path's, and PyTorch's CPU SDPA backward 5–10× (peaky attention).
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
     whole width, as officially).
     """
@@ -91,12 +92,16 @@ class MSSA(nn.Module):
         w = self._heads(y)
         if not self.fused_attn:
             o = ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ w
-        elif w.device.type == "cpu" and torch.is_grad_enabled() and w.requires_grad:
+        elif torch.is_grad_enabled() and w.requires_grad and not _fused_backward_is_accurate(w):
             o = symmetric_attention(w, self.scale)
         else:
             o = F.scaled_dot_product_attention(w, w, w)  # default scale p^{-½}
         o = o.transpose(1, 2).flatten(2)  # (B, N, K·p)
         return self.proj_drop(self.proj(o))
+
+
+def _fused_backward_is_accurate(w: torch.Tensor) -> bool:
+    return w.is_cuda and w.dtype in (torch.float16, torch.bfloat16)  # see MSSA
 
 
 class ISTA(nn.Module):
@@ -179,7 +184,7 @@ class CRATEConfig:
     pool: str = "cls"  # "cls" (official) or "mean" over all tokens, cls included
     drop_rate: float = 0.0  # dropout after the position embedding, after W_out and before the head
     drop_path_rate: float = 0.0  # stochastic depth of the MSSA branch, linear in depth
-    fused_attn: bool = True  # SDPA, but symmetric_attention for CPU training (see MSSA); False: explicit
+    fused_attn: bool = True  # SDPA, or symmetric_attention where its backward is inaccurate; False: explicit
 
     def __post_init__(self):
         size = _pair(self.img_size)
