@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test verify mutations demo bench lint clean
+.PHONY: setup data test verify mutations demo bench bench-compare lint clean
 
 setup: $(STAMP)
 
@@ -39,10 +39,16 @@ verify: setup
 mutations: setup
 	$(PY) -m verification.mutations
 
-# full CPU benchmarks (a few minutes); the JSON and its table go to benchmarks/results/
+# full CPU benchmarks (a few minutes); the JSON and its table go to benchmarks/results/, and the run,
+# with its machine and commit, to pytest-benchmark's storage in benchmarks/history/ (commit both)
+BENCH_STORAGE := --benchmark-autosave --benchmark-storage=file://benchmarks/history
 bench: setup
-	$(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/results/cpu-$$(date +%F).json
+	$(PY) -m pytest -q benchmarks $(BENCH_STORAGE) --benchmark-json=benchmarks/results/cpu-$$(date +%F).json
 	$(PY) -m benchmarks.report benchmarks/results/cpu-$$(date +%F).json | tee benchmarks/results/cpu-$$(date +%F).md
+
+# the newest run of this machine kind against its history: exit 1 on a regressed ratio; draws the history
+bench-compare: setup
+	$(PY) -m benchmarks.history --plot benchmarks/results/history.png
 
 demo: setup data
 	$(PY) -m crate.demo

@@ -20,7 +20,7 @@ def _range(entry: dict | float, digits: int = 2) -> str:
     return f"{entry['median']:.{digits}f} ({entry['min']:.{digits}f}–{entry['max']:.{digits}f})"
 
 
-def _throughput_entries(info: dict) -> tuple[list[dict], list[dict]] | None:
+def throughput_entries(info: dict) -> tuple[list[dict], list[dict]] | None:
     """(models, ratios) of one interleaved run, from either JSON layout; None if not a throughput run."""
     if "models" in info:
         return info["models"], info["ratios"]
@@ -46,7 +46,7 @@ def throughput_table(benchmarks: list[dict]) -> str:
     ]
     for bench in benchmarks:
         info = bench["extra_info"]
-        entries = _throughput_entries(info)
+        entries = throughput_entries(info)
         if entries is None:
             continue
         models, run_ratios = entries

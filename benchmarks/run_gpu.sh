@@ -3,7 +3,8 @@
 # cases of the verification suite (both families, TF32 included; the training attention and SDPA's
 # flash and memory-efficient kernels, forward and backward) and the precision tables on the GPU.
 # Everything goes to benchmarks/results/ named with the device and the date: <stem>.json and .md (the
-# benchmarks), <stem>-verification.txt (the CUDA test run and both precision tables); commit them.
+# benchmarks), <stem>-verification.txt (the CUDA test run and both precision tables), and the run to
+# the tracked history (benchmarks/history/, see `make bench-compare`); commit them.
 #
 #   benchmarks/run_gpu.sh                  # .venv/bin/python where `make setup` made it, else python3
 #   PY=python3 benchmarks/run_gpu.sh       # any Python with torch, timm, pytest, pytest-benchmark and
@@ -31,7 +32,8 @@ $PY -c "import torch, timm, pytest, pytest_benchmark, hypothesis, crate" || {
 device=$($PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name().replace(' ', '-'))")
 stem="benchmarks/results/gpu-${device}-$(date +%F)"
 status=0
-timeout 480 $PY -m pytest -q benchmarks --bench-rounds 10 --durations=12 --benchmark-json="${stem}.json" || status=$?
+timeout 480 $PY -m pytest -q benchmarks --bench-rounds 10 --durations=12 --benchmark-json="${stem}.json" \
+    --benchmark-autosave --benchmark-storage=file://benchmarks/history || status=$?
 if [ "$status" -eq 124 ]; then
     echo "stopped at the 8-minute limit: nothing written (see the budget above)" >&2
 fi
