@@ -1,7 +1,7 @@
 """CRATE, the fast model: white-box transformer via sparse rate reduction (Yu et al., NeurIPS 2023).
 
 Exactly the released classifier (official code Ma-Lab-Berkeley/CRATE `model/crate.py`; the spec is
-../shared/spec/official-architecture.md and math.md §5), written for speed: fused attention, the
+docs/architecture.md and docs/math.md §5), written for speed: fused attention, the
 one-matmul ISTA step, bf16 autocast, torch.compile. verification/test_fast_model.py proves it equal to
 the float64 `reference.OfficialCRATE`, layer by layer, forward and backward.
 
@@ -45,13 +45,13 @@ class PatchEmbed(nn.Module):
 
 
 class MSSA(nn.Module):
-    """Multi-head subspace self-attention: query = key = value = y·U_k per head (math.md §5).
+    """Multi-head subspace self-attention: query = key = value = y·U_k per head (docs/math.md §5).
 
     ``fused_attn`` uses F.scaled_dot_product_attention when no gradient flows through the attention
     (inference); under autograd it takes the explicit matmul-softmax path, which states the math and
     is the in-model oracle. Why: PyTorch's CPU SDPA backward recomputes the attention from a saved
     log-sum-exp, and with peaky attention its float32 gradients were 5–10× less accurate than the
-    explicit path's (verification/precision.py; math.md §8 rule violated), for a 13% faster step.
+    explicit path's (verification/precision.py; docs/math.md §8 rule violated), for a 13% faster step.
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
     whole width, as officially).
     """
@@ -93,7 +93,7 @@ class MSSA(nn.Module):
 
 
 class ISTA(nn.Module):
-    """One non-negative ISTA step with dictionary D = weight (math.md §4):
+    """One non-negative ISTA step with dictionary D = weight (docs/math.md §4):
     ReLU(u + η(uW − uWᵀW) − ηλ) = ReLU(u + u·M − ηλ), M = η(W − WᵀW).
 
     One token matmul instead of three; M costs d³ per call, repaid whenever a call sees more than
