@@ -369,7 +369,7 @@ def check_odl_forms(forms: dict[str, torch.nn.Module], u: torch.Tensor) -> dict:
        (the longest chain: 4d terms of a₁Dᵀ or a₁G after d of uD or G = ηDᵀD; e₁ carried through
        a₁ ↦ a₁ − ηa₁DᵀD; ReLU is 1-Lipschitz). Never fails on rounding; loose (measured errors are
        10⁻²–10⁻³ of it), so it catches only gross mistakes in the released einsum form;
-    2. the fast and Gram forms by the project's FlashAttention rule (math.md §8, row 28), with the
+    2. the fast and Gram forms by the project's FlashAttention rule (docs/math.md §8, row 28), with the
        released einsum form as the plain float32 implementation: max|form − ref| ≤
        2·max|einsum − ref| + 4u(1 + max|ref|), per output. Measured, largest error over this bound:
        token and einsum forms 0.24–0.27, Gram form 0.33–0.46 (CPU, d 192 and 768, 8 seeds; its a₂

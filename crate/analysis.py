@@ -1,6 +1,6 @@
 """White-box audit of a CRATE or CRATE-α model: does each layer do what the paper says it does?
 
-For a batch of images, per layer ℓ, all in float64 (math.md §7). Both families:
+For a batch of images, per layer ℓ, all in float64 (docs/math.md §7). Both families:
 - compression R^c of the layer's input LN₁(Z^ℓ) and of the stream after its MSSA step LN₁(Z^{ℓ+½}),
   normalised head-tokens (the official tool's convention, ε = 0.1) and raw, and the change;
 - how far each U_k is from orthonormal, max_k ‖U_kᵀU_k − I‖₂, and the coherence between heads,

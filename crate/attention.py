@@ -1,4 +1,4 @@
-"""Self-attention with query = key = value (MSSA's heads, math.md §5) as one autograd function.
+"""Self-attention with query = key = value (MSSA's heads, docs/math.md §5) as one autograd function.
 
 With W the head's tokens (N, p), S = s·WWᵀ, P = softmax_row(S) and O = PW, the gradient is
 

@@ -1,7 +1,7 @@
 """CRATE, the fast model: white-box transformer via sparse rate reduction (Yu et al., NeurIPS 2023).
 
 Exactly the released classifier (official code Ma-Lab-Berkeley/CRATE `model/crate.py`; the spec is
-../shared/spec/official-architecture.md and math.md §5), written for speed: fused attention, the
+docs/architecture.md and docs/math.md §5), written for speed: fused attention, the
 one-matmul ISTA step, bf16 autocast, torch.compile. verification/test_fast_model.py proves it equal to
 the float64 `reference.OfficialCRATE`, layer by layer, forward and backward.
 
@@ -47,13 +47,13 @@ class PatchEmbed(nn.Module):
 
 
 class MSSA(nn.Module):
-    """Multi-head subspace self-attention: query = key = value = y·U_k per head (math.md §5).
+    """Multi-head subspace self-attention: query = key = value = y·U_k per head (docs/math.md §5).
 
     ``fused_attn`` uses F.scaled_dot_product_attention for inference and for training in float16 or
     bfloat16 (autocast included) on CUDA, and ``symmetric_attention`` (crate/attention.py: one
     backward for q = k = v, three N×N×p products instead of four) for the other training.
     ``fused_attn=False`` takes the explicit matmul-softmax path, which states the math and is the
-    in-model oracle. Why: SDPA's backward must keep the precision rule of math.md §8
+    in-model oracle. Why: SDPA's backward must keep the precision rule of docs/math.md §8
     (verification/test_symmetric_attention.py). CUDA's flash and memory-efficient kernels keep it
     in float16 and bfloat16, 2.7× faster than symmetric_attention on an H100 with half the memory;
     in float32 the memory-efficient kernel's gradients were 6–17× less accurate than the explicit
@@ -105,7 +105,7 @@ def _fused_backward_is_accurate(w: torch.Tensor) -> bool:
 
 
 class ISTA(nn.Module):
-    """One non-negative ISTA step with dictionary D = weight (math.md §4):
+    """One non-negative ISTA step with dictionary D = weight (docs/math.md §4):
     ReLU(u + η(uW − uWᵀW) − ηλ) = ReLU(u + u·M − ηλ), M = η(W − WᵀW).
 
     One token matmul instead of three; M costs d³ per call, repaid whenever a call sees more than

@@ -126,7 +126,7 @@ class TrainConfig:
 
 PRESETS = {
     "fashion-mnist": {},
-    "paper": dict(  # the published ImageNet-1K recipe (official-architecture.md)
+    "paper": dict(  # the published ImageNet-1K recipe (docs/architecture.md §4.2)
         model="crate_base_patch16_224",
         dataset="imagenet",
         output="runs/imagenet-paper",
@@ -232,7 +232,7 @@ PRESETS = {
         workers=8,
         checkpoint_every=1000,
     ),
-    # The official fine-tuning (Ma-Lab-Berkeley/CRATE finetune.py, official-architecture notes in
+    # The official fine-tuning (Ma-Lab-Berkeley/CRATE finetune.py, docs/architecture.md §4.3 and
     # README "Transfer"): an ImageNet-trained CRATE (--finetune SOURCE) on CIFAR-10 at 224² inputs.
     # CIFAR-100: same; Flowers-102 and Oxford-IIIT Pets: --lr 1e-4 --epochs 400 and their dataset names.
     # The official head is LayerNorm + Linear re-created; here the Linear is new and the LayerNorm

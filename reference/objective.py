@@ -1,4 +1,4 @@
-"""The sparse rate reduction objective (math.md §2) and the energies behind CRATE's layer steps.
+"""The sparse rate reduction objective (docs/math.md §2) and the energies behind CRATE's layer steps.
 
 Public functions take token-major float64 tokens, (N, d) for one image or (B, N, d) for a batch, and
 return one value per image. Inside, the algebra is the paper's column form: Z = Xᵀ ∈ R^{d×N}, tokens
@@ -38,7 +38,7 @@ def _head_projections(Z: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
 
 
 def coding_rate(Z: torch.Tensor, eps: float) -> torch.Tensor:
-    """R(Z) = ½ logdet(I_N + d/(Nε²)·ZᵀZ)  (math.md §2), one value per image."""
+    """R(Z) = ½ logdet(I_N + d/(Nε²)·ZᵀZ)  (docs/math.md §2), one value per image."""
     require_tokens("Z", Z)
     require_positive("eps", eps)
     n_tokens, dim = Z.shape[-2:]
@@ -46,10 +46,10 @@ def coding_rate(Z: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def compression_rate(Z: torch.Tensor, U: torch.Tensor, eps: float, normalize: bool = False) -> torch.Tensor:
-    """R^c(Z; U) = Σ_k ½ logdet(I_N + p/(Nε²)·Y_kᵀY_k), Y_k = U_kᵀZ  (math.md §2), one value per image.
+    """R^c(Z; U) = Σ_k ½ logdet(I_N + p/(Nε²)·Y_kᵀY_k), Y_k = U_kᵀZ  (docs/math.md §2), one value per image.
 
     U has shape (K, d, p). ``normalize=True`` first scales every head-token (column of Y_k) to unit
-    ℓ2 norm, the convention of the official measurement tool (math.md §7; with eps = 0.1 it equals
+    ℓ2 norm, the convention of the official measurement tool (docs/math.md §7; with eps = 0.1 it equals
     the tool's number).
     """
     require_tokens("Z", Z)
@@ -63,7 +63,7 @@ def compression_rate(Z: torch.Tensor, U: torch.Tensor, eps: float, normalize: bo
 
 
 def compression_rate_taylor2(Z: torch.Tensor, U: torch.Tensor, eps: float) -> torch.Tensor:
-    """R^c₂(Z) = Σ_k (γ/2)·tr A_k − (γ²/4)·tr A_k²: R^c's second-order Taylor polynomial (math.md §3.3)."""
+    """R^c₂(Z) = Σ_k (γ/2)·tr A_k − (γ²/4)·tr A_k²: R^c's 2nd-order Taylor polynomial (docs/math.md §3.3)."""
     require_tokens("Z", Z)
     require_subspaces(U, Z.shape[-1])
     require_positive("eps", eps)
@@ -77,7 +77,7 @@ def compression_rate_taylor2(Z: torch.Tensor, U: torch.Tensor, eps: float) -> to
 
 def attention_energy(Q: torch.Tensor, C: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """E_s(Q; C) = (1/s)·Σ_j logsumexp_i(s⟨c_i, q_j⟩): the log-sum-exp energy of queries q_j against
-    keys c_i (math.md §3.4-1). Token-major (..., N, p) queries and keys; one value per image."""
+    keys c_i (docs/math.md §3.4-1). Token-major (..., N, p) queries and keys; one value per image."""
     require_float64("Q", Q)
     require_float64("C", C)
     require_positive("temperature", temperature)
@@ -86,7 +86,7 @@ def attention_energy(Q: torch.Tensor, C: torch.Tensor, temperature: float = 1.0)
 
 
 def kernel_energy(Y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """F_s(Y) = (1/(2s))·Σ_{i,j} exp(s⟨y_i, y_j⟩), the exponential-kernel energy (math.md §3.4-3)."""
+    """F_s(Y) = (1/(2s))·Σ_{i,j} exp(s⟨y_i, y_j⟩), the exponential-kernel energy (docs/math.md §3.4-3)."""
     require_float64("Y", Y)
     require_positive("temperature", temperature)
     return torch.exp(temperature * Y @ _columns(Y)).sum((-2, -1)) / (2 * temperature)
@@ -95,7 +95,7 @@ def kernel_energy(Y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 def compression_surrogate(
     Z: torch.Tensor, Z_bar: torch.Tensor, U: torch.Tensor, eps: float, temperature: float = 1.0
 ) -> torch.Tensor:
-    """S(Z; Z̄) = Σ_k (γ/2)‖U_kᵀZ‖²_F − γ²·E_s(U_kᵀZ; U_kᵀZ̄)  (math.md §3.4-2).
+    """S(Z; Z̄) = Σ_k (γ/2)‖U_kᵀZ‖²_F − γ²·E_s(U_kᵀZ; U_kᵀZ̄)  (docs/math.md §3.4-2).
 
     Z̄ holds the keys; a gradient step on S with Z̄ = stop-gradient(Z) is the paper's softmax update.
     The first term's gradient is γ·Σ_k U_kU_kᵀZ, which is γZ only when U_[K] is square orthonormal.
@@ -122,7 +122,7 @@ class SparseRateReduction(NamedTuple):
 
 
 def sparse_rate_reduction(Z: torch.Tensor, U: torch.Tensor, eps: float, lam: float) -> SparseRateReduction:
-    """R(Z) − R^c(Z; U) − λ‖Z‖₁ (math.md §2, ℓ1 form), with the ℓ0 count reported beside it."""
+    """R(Z) − R^c(Z; U) − λ‖Z‖₁ (docs/math.md §2, ℓ1 form), with the ℓ0 count reported beside it."""
     require_nonnegative("lam", lam)
     rate = coding_rate(Z, eps)
     compression = compression_rate(Z, U, eps)
@@ -138,7 +138,7 @@ def lasso_data_term(A: torch.Tensor, X: torch.Tensor, D: torch.Tensor) -> torch.
 
 
 def lasso_objective(A: torch.Tensor, X: torch.Tensor, D: torch.Tensor, lam: float) -> torch.Tensor:
-    """f(A) = ½‖X − DA‖²_F + λ‖A‖₁ + 𝟙{A ≥ 0}  (math.md §4; over-complete D ∈ R^{d×m} as CRATE-α's):
+    """f(A) = ½‖X − DA‖²_F + λ‖A‖₁ + 𝟙{A ≥ 0}  (docs/math.md §4; over-complete D ∈ R^{d×m} as CRATE-α's):
     +inf for an image with a negative code."""
     require_tokens("A", A)
     require_tokens("X", X)

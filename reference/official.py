@@ -1,7 +1,7 @@
-"""The released CRATE classifier (math.md §5, official-architecture.md), literally, in float64.
+"""The released CRATE classifier (docs/math.md §5, docs/architecture.md), literally, in float64.
 
 Module and parameter names follow the official code, so ``state_dict()`` keys are the official keys.
-Two attributes make the bridge identities of math.md §6 testable: ``Transformer.rho``, the residual
+Two attributes make the bridge identities of docs/math.md §6 testable: ``Transformer.rho``, the residual
 coefficient (official 1; the paper's 1 − κγ), and ``MSSA.scale``, the temperature (official p^{-½};
 the paper's 1). η and λ are attributes of each ISTA block, not parameters, as in the official code.
 """
@@ -58,7 +58,7 @@ class PreNorm(nn.Module):
 
 
 class MSSA(nn.Module):
-    """Multi-head subspace self-attention: query = key = value = y·U_k  (math.md §5). W_out has a bias
+    """Multi-head subspace self-attention: query = key = value = y·U_k  (docs/math.md §5). W_out has a bias
     in CRATE and none in CRATE-α."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, out_bias: bool = True):
@@ -79,7 +79,7 @@ class MSSA(nn.Module):
 
 
 class ISTA(nn.Module):
-    """x⁺ = ReLU(u + η(u − u·Wᵀ)·W − ηλ): one non-negative ISTA step with dictionary D = W  (math.md §4)."""
+    """x⁺ = ReLU(u + η(u − u·Wᵀ)·W − ηλ): one non-negative ISTA step, dictionary D = W (docs/math.md §4)."""
 
     def __init__(self, dim: int, eta: float, lam: float):
         super().__init__()
@@ -132,7 +132,7 @@ def official_state_dict_shapes(
     num_patches: int,
     num_classes: int,
 ) -> dict[str, tuple[int, ...]]:
-    """Every key of the official CRATE state dict with its shape (official-architecture.md)."""
+    """Every key of the official CRATE state dict with its shape (docs/architecture.md)."""
     patch_dim = patch_size * patch_size * channels
     shapes = {
         "pos_embedding": (1, num_patches + 1, dim),

@@ -1,4 +1,4 @@
-"""CRATE's layer steps, each derived from an objective by torch.autograd (math.md §3, §4, §6a).
+"""CRATE's layer steps, each derived from an objective by torch.autograd (docs/math.md §3, §4, §6a).
 
 The compression step is a gradient step on R^c (or on its Taylor polynomial, or on the softmax
 surrogate); the sparsification step is one proximal-gradient step on the non-negative LASSO. No
@@ -47,7 +47,7 @@ def compression_gradient(
 def compression_step(
     Z: torch.Tensor, U: torch.Tensor, eps: float, kappa: float, mode: str = "exact", temperature: float = 1.0
 ) -> torch.Tensor:
-    """Z − κ·∇(objective of ``mode``): one compression (MSSA) step of the paper, math.md §6a."""
+    """Z − κ·∇(objective of ``mode``): one compression (MSSA) step of the paper, docs/math.md §6a."""
     require_positive("kappa", kappa)
     return Z - kappa * compression_gradient(Z, U, eps, mode, temperature)
 
@@ -94,7 +94,7 @@ def proximal_gradient_steps(
 
 
 def ista_step(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
-    """One proximal-gradient step on ½‖X − DA‖² + λ‖A‖₁ + 𝟙{A ≥ 0}, warm-started at A = X  (math.md §4):
+    """One proximal-gradient step on ½‖X − DA‖² + λ‖A‖₁ + 𝟙{A ≥ 0}, warm-started at A = X  (docs/math.md §4):
     CRATE's ISTA block, with its square dictionary D ∈ R^{d×d}."""
     require_tokens("X", X)
     require_dictionary(D, X.shape[-1])

@@ -1,4 +1,4 @@
-"""sympy derivations for tiny symbolic cases (math.md §9 rows 2 and 17).
+"""sympy derivations for tiny symbolic cases (docs/math.md §9 rows 2 and 17).
 
 Each function derives its result with sympy (differentiation, equation solving) from the objective;
 verification/ compares the results with the closed forms the layers use.

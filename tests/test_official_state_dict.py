@@ -31,7 +31,7 @@ def _load(state: dict, **overrides) -> reference.OfficialCRATE:
     ],
 )
 def test_parameter_counts_equal_the_official_models(dim, depth, heads, expected):
-    """official-architecture.md's table, read from the instantiated official models, to the parameter."""
+    """docs/architecture.md §3's table, read from the instantiated official models, to the parameter."""
     shapes = reference.official_state_dict_shapes(
         dim=dim,
         depth=depth,

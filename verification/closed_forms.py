@@ -1,4 +1,4 @@
-"""The closed forms that the reference's autograd results are checked against (math.md §3, §4).
+"""The closed forms that the reference's autograd results are checked against (docs/math.md §3, §4).
 
 Token-major: tokens X (B, N, d), per-head tokens W_k = X·U_k (B, K, N, p), γ = p/(Nε²).
 These live here, not in reference/, so that the reference cannot pass by restating them.
@@ -21,31 +21,31 @@ def _gram_plus_identity(W: torch.Tensor, coefficient: float) -> torch.Tensor:
 
 
 def exact_compression_gradient(X: torch.Tensor, U: torch.Tensor, eps: float) -> torch.Tensor:
-    """∇_X R^c = γ Σ_k (I_N + γ W_kW_kᵀ)⁻¹ W_k U_kᵀ  (math.md §3.1, token-major)."""
+    """∇_X R^c = γ Σ_k (I_N + γ W_kW_kᵀ)⁻¹ W_k U_kᵀ  (docs/math.md §3.1, token-major)."""
     g, W = gamma(X, U, eps), head_tokens(X, U)
     per_head = torch.linalg.solve(_gram_plus_identity(W, g), W)
     return g * torch.einsum("bknp,kdp->bnd", per_head, U)
 
 
 def neumann_compression_gradient(X: torch.Tensor, U: torch.Tensor, eps: float) -> torch.Tensor:
-    """γ Σ_k (I_N − γ W_kW_kᵀ) W_k U_kᵀ: (I + γA)⁻¹ replaced by I − γA  (math.md §3.3)."""
+    """γ Σ_k (I_N − γ W_kW_kᵀ) W_k U_kᵀ: (I + γA)⁻¹ replaced by I − γA  (docs/math.md §3.3)."""
     g, W = gamma(X, U, eps), head_tokens(X, U)
     return g * torch.einsum("bknp,kdp->bnd", _gram_plus_identity(W, -g) @ W, U)
 
 
 def ssa(W: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """softmax_row(s·W Wᵀ)·W, the token-major SSA of math.md §3.5."""
+    """softmax_row(s·W Wᵀ)·W, the token-major SSA of docs/math.md §3.5."""
     return torch.softmax(temperature * W @ W.transpose(-1, -2), dim=-1) @ W
 
 
 def paper_mssa(X: torch.Tensor, U: torch.Tensor, eps: float, temperature: float = 1.0) -> torch.Tensor:
-    """MSSA(Z|U) = γ Σ_k U_k SSA_k, token-major γ Σ_k SSA(W_k) U_kᵀ  (math.md §3.4)."""
+    """MSSA(Z|U) = γ Σ_k U_k SSA_k, token-major γ Σ_k SSA(W_k) U_kᵀ  (docs/math.md §3.4)."""
     W = head_tokens(X, U)
     return gamma(X, U, eps) * torch.einsum("bknp,kdp->bnd", ssa(W, temperature), U)
 
 
 def ista_closed_form(X: torch.Tensor, D: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
-    """ReLU(X + η Dᵀ(X − DX) − ηλ) in the paper's column form, returned token-major  (math.md §4)."""
+    """ReLU(X + η Dᵀ(X − DX) − ηλ) in the paper's column form, returned token-major  (docs/math.md §4)."""
     Xc = X.transpose(-1, -2)
     return torch.relu(Xc + eta * D.T @ (Xc - D @ Xc) - eta * lam).transpose(-1, -2)
 

@@ -1,7 +1,7 @@
 """A plain CRATE, written straight from a state dict with the official key names, in any dtype.
 
 Explicit matmul-softmax attention (or SDPA) and the official three-matmul ISTA, torch.nn.functional
-throughout. It is the *plain* implementation of the FlashAttention rule (math.md §8.2): the fast
+throughout. It is the *plain* implementation of the FlashAttention rule (docs/math.md §8.2): the fast
 model's low-precision error is compared with the error this code makes in the same precision. In
 float64 with SDPA attention it is also an independent check of reference.OfficialCRATE.
 verification/plain_alpha.py is CRATE-α's, built on ``compress`` and ``head`` here; ``sparsify`` has the

@@ -6,8 +6,8 @@ the released code does it (UCSC-VLAA/CRATE-alpha; docs/crate-alpha.md §1), toke
 
     a₁ = ReLU(η·u@D − ηλ),  a₂ = ReLU(a₁ − η·((a₁@Dᵀ − u)@D) − ηλ),  out = z + a₂@D₁ᵀ,  u = LN₂(z).
 
-It is the *plain* implementation of the FlashAttention rule (math.md §8.2) for CRATE-α, as plain.py
-is for CRATE; both pre-activations are exposed for the ReLU-flip allowances (math.md §8.4). In
+It is the *plain* implementation of the FlashAttention rule (docs/math.md §8.2) for CRATE-α, as plain.py
+is for CRATE; both pre-activations are exposed for the ReLU-flip allowances (docs/math.md §8.4). In
 float64 with SDPA attention it is also the independent functional implementation that
 verification/test_official_alpha.py checks reference.OfficialCRATEAlpha against (η and λ as given).
 """

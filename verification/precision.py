@@ -1,4 +1,4 @@
-"""Fast model vs float64 reference in every precision, by the FlashAttention rule (math.md §8).
+"""Fast model vs float64 reference in every precision, by the FlashAttention rule (docs/math.md §8).
 
 For a pure low-precision run the inputs and parameters are rounded to the low dtype once and the
 reference runs in float64 on those rounded values; for an autocast run the float32 master values are
@@ -354,7 +354,7 @@ def layer_gradient_check(
     """Gradients of ⟨layer output, g⟩ with respect to the layer's input and each of its parameters,
     fast and plain against the float64 reference, keyed by official parameter name ("input" for the
     input). g is random, and zero wherever the three disagree on the side of a ReLU: the backward is
-    discontinuous there (math.md §8.4), so this imposes the reference's ReLU mask. CRATE's output is
+    discontinuous there (docs/math.md §8.4), so this imposes the reference's ReLU mask. CRATE's output is
     its codes, so g is zeroed entry-wise; CRATE-α's output z + a₂D₁ᵀ is dense, so g is zeroed on every
     token where any code of a₁ or a₂ flips (the block acts on tokens independently, so g = 0 on a
     token's output removes that token's discontinuity from every gradient)."""

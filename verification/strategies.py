@@ -1,4 +1,4 @@
-"""hypothesis strategies for the verification suite (math.md §8.5).
+"""hypothesis strategies for the verification suite (docs/math.md §8.5).
 
 Shapes include odd sizes, N < p and p < N; scales and ε are log-uniform; every tensor comes from a
 drawn integer seed through a torch.Generator, so a failing example is reproduced by its printed
@@ -116,7 +116,7 @@ def token_matrices(draw, *, max_tokens: int = 9, max_dim: int = 7, scales=(1e-2,
 
 
 def step_fractions() -> st.SearchStrategy[float]:
-    """A fraction of a step-size limit, bounded away from subnormals (math.md §8.5)."""
+    """A fraction of a step-size limit, bounded away from subnormals (docs/math.md §8.5)."""
     return st.floats(1e-3, 1.0)
 
 
@@ -142,7 +142,7 @@ class OfficialProblem:
     depth: int
     seed: int
     scale: float
-    peaky: bool = False  # W_qkv × 4: attention rows close to one-hot (math.md A5)
+    peaky: bool = False  # W_qkv × 4: attention rows close to one-hot (docs/math.md A5)
 
     patch_size = 2
     channels = 2  # more than one, or a patch flattened (channel, row, column) would go unnoticed

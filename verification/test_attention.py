@@ -1,4 +1,4 @@
-"""What the softmax attention step is, exactly (math.md §3.4, §3.5): rows 7–12 of the property table.
+"""What the softmax attention step is, exactly (docs/math.md §3.4, §3.5): rows 7–12 of the property table.
 
 SSA is the query-gradient of a log-sum-exp energy with the keys held fixed (row 7; without the
 stop-gradient it is not, row 8), a positively preconditioned gradient of an exponential-kernel
@@ -54,7 +54,7 @@ def test_energy_gradient_without_stop_gradient_adds_key_path(W, temperature):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_energy_gradient_without_stop_gradient_is_not_ssa(seed):
-    """Negative control: the key path changes the result by far more than rounding (math.md: 132%)."""
+    """Negative control: the key path changes the result by far more than rounding (docs/math.md: 132%)."""
     W = randn((1, 5, 3), torch.Generator().manual_seed(seed))
     difference = relative_difference(_query_gradient(W, 1.0, stop_gradient=False), ssa(W))
     assert difference > 0.1, f"gradient without stop-gradient is within {difference:.3g} of SSA"
@@ -79,7 +79,7 @@ def _jacobian_asymmetry(gradient_map, W: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_ssa_is_not_the_gradient_of_any_energy(seed):
-    """Negative control: SSA's Jacobian is not symmetric (> 0.1; math.md 0.56 at p=3, N=5), whereas a
+    """Negative control: SSA's Jacobian is not symmetric (> 0.1; docs/math.md 0.56 at p=3, N=5), whereas a
     true gradient map, here the Taylor (Neumann) gradient ∇R^c₂, has a symmetric Jacobian (a Hessian)."""
     W = randn((5, 3), torch.Generator().manual_seed(seed))
     asymmetry = _jacobian_asymmetry(lambda Y: _query_gradient(Y[None], 1.0, stop_gradient=True)[0], W)
@@ -129,7 +129,7 @@ def test_column_softmax_equals_token_major_row_softmax(W):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_softmax_over_the_other_axis_is_a_different_operator(seed):
-    """Negative control: normalising the rows in the column formula differs (math.md: up to 114%)."""
+    """Negative control: normalising the rows in the column formula differs (docs/math.md: up to 114%)."""
     Zk = randn((4, 7), torch.Generator().manual_seed(seed))
     difference = relative_difference(_column_ssa(Zk, axis=1), _column_ssa(Zk, axis=0))
     assert difference > 0.05, f"row and column softmax within {difference:.3g}"

@@ -1,4 +1,4 @@
-"""Bridge identities between the paper operator and the official architecture (math.md §6):
+"""Bridge identities between the paper operator and the official architecture (docs/math.md §6):
 rows 13, 14 and 15 of the property table (row 16, the ISTA bridge, is in test_ista.py)."""
 
 import torch

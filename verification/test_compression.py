@@ -1,4 +1,4 @@
-"""The compression objective R^c, its gradient and the descent theorem (math.md §2, §3.1–3.3).
+"""The compression objective R^c, its gradient and the descent theorem (docs/math.md §2, §3.1–3.3).
 
 Rows 1, 3, 4, 5, 6, 18 and 19 of the property table.
 """
@@ -151,7 +151,7 @@ def test_exact_compression_step_decreases_rate_sufficiently(problem, fraction):
 
 
 def test_too_long_compression_step_can_increase_rate():
-    """Negative control for row 18: with κ = 20/L the rate rises for some inputs (math.md: 222/400)."""
+    """Negative control for row 18: with κ = 20/L the rate rises for some inputs (docs/math.md: 222/400)."""
     increases = 0
     for seed in range(20):
         problem = HeadProblem(

@@ -1,5 +1,5 @@
 """The fast models equal their float64 references, layer by layer and whole, forward and backward, in
-every precision they support (math.md §8; rows 27 and 28): crate/model.py against
+every precision they support (docs/math.md §8; rows 27 and 28): crate/model.py against
 reference.OfficialCRATE (test ids ``crate``), and crate/alpha.py against reference.OfficialCRATEAlpha
 (ids ``alpha``; docs/crate-alpha.md §3). Each property is written once for both families; the
 ``Subject`` of a family says how to draw its problems and which of its tensors are compared.
@@ -10,7 +10,7 @@ Low precision: the FlashAttention rule of verification/precision.py, with verifi
 softmax) as the plain implementation. Each precision runs with fused (SDPA) and explicit attention;
 CUDA cases (TF32 off and on) run where a GPU is present and are skipped otherwise.
 
-The low-precision backward (math.md §8.4): CRATE's layer output is its codes, so the reference's ReLU
+The low-precision backward (docs/math.md §8.4): CRATE's layer output is its codes, so the reference's ReLU
 mask is imposed on the upstream gradient g entry by entry. CRATE-α's layer output z + a₂D₁ᵀ is dense,
 so the ReLU flips of a₁ and a₂ cannot be masked on the output entry by entry. Instead g is zeroed on
 every token where fast, plain or reference disagree on the side of any code of either ReLU: the block
@@ -270,7 +270,7 @@ def test_nonzero_count_differs_only_by_relu_flips(subject, precision, device, pe
 @pytest.mark.parametrize("device", DEVICES)
 @FUSED
 def test_fast_model_logits_follow_precision_rule(subject, precision, device, fused):
-    """The whole stack, depth 4 (errors compound with depth, math.md §8.3), against the plain model."""
+    """The whole stack, depth 4 (errors compound with depth, docs/math.md §8.3), against the plain model."""
     problem = subject.problem(batch=2, tokens=5, heads=4, head_dim=16, depth=4, seed=3, scale=1.0)
     dtype, _, u = PRECISIONS[precision]
     low = {key: value.to(dtype) for key, value in problem.state_dict().items()}
@@ -294,7 +294,7 @@ def test_fast_model_logits_follow_precision_rule(subject, precision, device, fus
 def test_fast_layer_gradients_follow_precision_rule(subject, precision, device, peaky, fused):
     """∇ of ⟨layer output, g⟩ w.r.t. the input and every parameter of the layer, at CRATE-T's layer
     shapes (CRATE-α: m = 4d), g zeroed where fast, plain or reference put a code on another side of its
-    ReLU: entry-wise for CRATE (the reference's ReLU mask, math.md §8.4), on every token with such a
+    ReLU: entry-wise for CRATE (the reference's ReLU mask, docs/math.md §8.4), on every token with such a
     code of a₁ or a₂ for CRATE-α (module docstring); at least one entry or token must keep its g."""
     problem = subject.problem(**CRATE_T_LAYER, seed=0, peaky=peaky)
     check = layer_gradient_check(

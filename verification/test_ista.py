@@ -1,4 +1,4 @@
-"""The sparsification step (math.md §4): rows 16, 17, 20 and 21 of the property table.
+"""The sparsification step (docs/math.md §4): rows 16, 17, 20 and 21 of the property table.
 
 One ISTA block is one proximal-gradient step on the non-negative LASSO, warm-started at its input.
 It decreases the objective from a feasible start when η <= 2/‖D‖₂² (row 20) and can increase it when
@@ -52,7 +52,7 @@ def test_ista_block_is_autograd_proximal_gradient_step(problem, eta):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_ista_with_transposed_dictionary_is_detected(seed):
-    """Negative control: using D = Wᵀ instead of D = W changes the output (math.md: 0.54)."""
+    """Negative control: using D = Wᵀ instead of D = W changes the output (docs/math.md: 0.54)."""
     generator = torch.Generator().manual_seed(seed)
     X, W = randn((1, 8, 6), generator), randn((6, 6), generator, 6**-0.5)
     difference = max_abs(reference.ista_step(X, W.T, 0.1, 0.1) - ista_closed_form(X, W, 0.1, 0.1))
@@ -101,7 +101,7 @@ def test_ista_step_beyond_two_over_lipschitz_increases_lasso():
 
 
 def test_ista_step_beyond_two_over_lipschitz_increases_lasso_for_random_problems():
-    """At η = 2.5/L some random feasible problems see f rise (math.md: 12/500), none at η = L⁻¹."""
+    """At η = 2.5/L some random feasible problems see f rise (docs/math.md: 12/500), none at η = L⁻¹."""
     generator = torch.Generator().manual_seed(0)
     increases = {1.0: 0, 2.5: 0}
     for _ in range(200):

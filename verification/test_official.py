@@ -1,7 +1,7 @@
 """The float64 official architecture (reference.OfficialCRATE) against an independent functional
 implementation read straight from the state dict: patches by F.unfold, attention by
-F.scaled_dot_product_attention, every other step by torch.nn.functional (math.md §5, §6: measured
-3.6e-15). Also the measurement convention of the official tool (math.md §7)."""
+F.scaled_dot_product_attention, every other step by torch.nn.functional (docs/math.md §5, §6: measured
+3.6e-15). Also the measurement convention of the official tool (docs/math.md §7)."""
 
 import torch
 from hypothesis import assume, given
@@ -55,7 +55,7 @@ def test_official_reference_equals_independent_functional_implementation(
     assert_close(actual, expected, 1e-12 * (1 + max_abs(expected)), "OfficialCRATE vs functional")
 
 
-# math.md §7 -------------------------------------------------------------------------------------
+# docs/math.md §7 -------------------------------------------------------------------------------------
 def _official_tool_compression(W: torch.Tensor) -> torch.Tensor:
     """The official measurement: head-tokens W (B, K, N, p) ℓ2-normalised, then
     Σ_k ½logdet(I_N + p/(N·0.01)·Ŵ_kŴ_kᵀ) on the token side."""

@@ -3,7 +3,7 @@ kernels, its training path on CUDA, against autograd of the explicit softmax(s·
 
 float64: equal to autograd forward and backward (an identity: the symmetric backward is the chain
 rule with the query and key gradients summed), and torch.autograd.gradcheck. Low precision: the
-FlashAttention rule of math.md §8, forward and backward, soft and peaky attention, against the
+FlashAttention rule of docs/math.md §8, forward and backward, soft and peaky attention, against the
 explicit path in the same precision. A negative control shows that the rule detects the cheaper
 correction rowsum(dO ∘ O) that crate/attention.py explains it does not use.
 """
