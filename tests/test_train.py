@@ -26,7 +26,7 @@ from crate.data import (
     fashion_mnist_root,
     read_idx,
 )
-from crate.train import TrainConfig, build_datasets, build_model, dataset_classes, resolve_config, train
+from crate.train import ConfigError, TrainConfig, build_datasets, build_model, dataset_classes, resolve_config, train
 
 # a fixed subset and a small model keep each run to seconds on 2 cores
 FAST = [
@@ -118,7 +118,7 @@ def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
 
 
 def test_missing_imagenet_folder_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"train is not a folder.*ImageFolder layout"):
+    with pytest.raises(ConfigError, match=r"--data: .*train is not a folder.*ImageFolder layout"):
         train(
             resolve_config(
                 [
