@@ -268,6 +268,7 @@ PRESETS = {
 def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     """Preset values, then every command-line override."""
     parser = argparse.ArgumentParser(prog="crate train", description=__doc__.splitlines()[0])
+    parser.error = _exit_with  # one line, without the usage (crate train --help prints it)
     for field in dataclasses.fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type is bool:
@@ -293,7 +294,7 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the option and what it expects."""
 
 
-def _exit_with(error: ConfigError):
+def _exit_with(error: ConfigError | str):
     print(f"crate train: error: {error}", file=sys.stderr)  # one line, before any work
     raise SystemExit(2)
 

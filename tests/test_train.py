@@ -26,7 +26,15 @@ from crate.data import (
     fashion_mnist_root,
     read_idx,
 )
-from crate.train import ConfigError, TrainConfig, build_datasets, build_model, dataset_classes, resolve_config, train
+from crate.train import (
+    ConfigError,
+    TrainConfig,
+    build_datasets,
+    build_model,
+    dataset_classes,
+    resolve_config,
+    train,
+)
 
 # a fixed subset and a small model keep each run to seconds on 2 cores
 FAST = [
