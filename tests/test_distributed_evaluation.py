@@ -32,7 +32,8 @@ def _evaluate(rank: int, world_size: int, folder: str) -> None:
 
 def _result(world_size: int, folder: Path) -> dict:
     folder.mkdir()
-    mp.start_processes(_evaluate, (world_size, str(folder)), nprocs=world_size, start_method="spawn")
+    # forked, as DataLoader workers are: nothing is imported again
+    mp.start_processes(_evaluate, (world_size, str(folder)), nprocs=world_size, start_method="fork")
     return json.loads((folder / "result.json").read_text())
 
 
