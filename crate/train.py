@@ -709,6 +709,8 @@ def set_up(config: TrainConfig) -> Run:
         model.set_grad_checkpointing(True)
     model.to(device)
     prepare_datasets(config, model, train_set, test_set)
+    if not isinstance(train_set, (data.InMemoryImages, torch.utils.data.IterableDataset)):
+        train_set = data.SeededSamples(train_set, config.seed)  # augmentation exact after a resume
     if config.train_subset:
         train_set = _subset(train_set, config.train_subset)
     if config.eval_subset:

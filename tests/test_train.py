@@ -8,20 +8,24 @@ installs it where it can). Without them they fail with the message saying how to
 import gzip
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from crate import checkpoint
 from crate.data import (
     FashionMNIST,
     ImageFolderSkippingCorrupt,
+    SeededSamples,
     collate_skipping_none,
     fashion_mnist_root,
     read_idx,
@@ -108,6 +112,27 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     assert torch.equal(first, dataset[5][0])
     dataset.set_epoch(1)
     assert not torch.equal(first, dataset[5][0])
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Items drawn from all three RNGs a transform may use."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([torch.rand(()).item(), random.random(), np.random.rand()])
+
+
+def test_seeded_samples_augment_alike_in_any_worker_order_or_resumed_run():
+    dataset = SeededSamples(_RandomDraws(), seed=3)
+    whole = torch.cat(list(DataLoader(dataset, 2, num_workers=2)))
+    resumed = torch.cat(list(DataLoader(dataset, 2, num_workers=2, sampler=range(6, 12))))  # other workers
+    assert torch.equal(resumed, whole[6:]) and len(whole.unique()) == 36
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[0], whole[0]) and torch.equal(torch.get_rng_state(), state)  # restored
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0], whole[0])
 
 
 def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
