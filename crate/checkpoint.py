@@ -85,6 +85,10 @@ def _replace_file(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def step_folder(output: Path, step: int) -> Path:
+    return Path(output) / f"checkpoint-{step:08d}"
+
+
 def save(
     output: Path, step: int, model, optimizer, ema=None, keep: int = 2, rng_states: list[dict] | None = None
 ) -> Path:
@@ -92,7 +96,7 @@ def save(
     ``rng_states``: one per rank (default: this process's). If writing fails, the partial folder is
     removed, the error raised, and the previous checkpoint stays the latest."""
     output = Path(output)
-    folder = output / f"checkpoint-{step:08d}"
+    folder = step_folder(output, step)
     temporary = output / f".tmp-checkpoint-{step:08d}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)

@@ -17,6 +17,11 @@ latest checkpoint. Batch sizes are global; the learning rate is given at ``lr_ba
 linearly to the global batch. The class count comes from the dataset (Fashion-MNIST: 10; ImageNet:
 the class folders of train/; named datasets: the classes they declare, else ``--num-classes``).
 
+On a cluster: SIGTERM or SIGUSR1 stops every rank after the same step with a checkpoint (exit code
+75); under ``torchrun --max-restarts=N`` a restarted group resumes by itself; a step with a NaN/inf loss
+or gradient is skipped on every rank (exit code 65 after --max-nonfinite-steps in a row); a bad
+configuration fails before any work in one line (exit code 2). README "Runs that survive a cluster".
+
 ``--finetune SOURCE`` starts from trained weights (crate/sources.py: a run or checkpoint folder, a
 .safetensors or .pth file in this project's or a released layout, or a timm name with published
 weights such as ``crate_alpha_base_patch16_224.in21k``): every tensor but the classifier loads
@@ -623,13 +628,13 @@ def train(config: TrainConfig) -> dict:
                         raise NonFiniteStepsError(
                             f"{run.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
                             f"gradient (up to step {run.step}); the last good weights are in "
-                            f"{checkpoint.latest(run.output)}"
+                            f"{checkpoint.step_folder(run.output, run.step)}"
                         )
-                    if stop:
+                    if stop and run.step < run.total_steps:
                         save_checkpoint(run)
                         raise PreemptedError(
                             f"stopped at step {run.step} on a stop signal; checkpoint "
-                            f"{checkpoint.latest(run.output)}: rerun with --resume"
+                            f"{checkpoint.step_folder(run.output, run.step)}: rerun with --resume"
                         )
                     if checkpoint_due(run):
                         save_checkpoint(run)
