@@ -728,21 +728,7 @@ def set_up(config: TrainConfig) -> Run:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
     optimizer, scheduler = make_optimizer(config, model, steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
-    mixup = (
-        Mixup(
-            mixup_alpha=config.mixup,
-            cutmix_alpha=config.cutmix,
-            label_smoothing=config.label_smoothing,
-            num_classes=model.num_classes,
-        )
-        if config.mixup or config.cutmix
-        else None
-    )
-    criterion = (
-        SoftTargetCrossEntropy()
-        if mixup
-        else torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    )
+    mixup, criterion = make_loss(config, model.num_classes)
 
     _seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
     step = checkpoint.restore(output, model, optimizer, ema, device, distributed.rank) if resuming else 0
@@ -843,6 +829,20 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
         updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
+
+
+def make_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
+    """Mixup/CutMix (None when both are off) and the loss: soft-target cross-entropy after Mixup, else
+    cross-entropy with label smoothing."""
+    if not (config.mixup or config.cutmix):
+        return None, torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    mixup = Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
+    return mixup, SoftTargetCrossEntropy()
 
 
 # -- one optimizer step with its guards --------------------------------------------------------------
