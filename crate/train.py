@@ -370,7 +370,13 @@ def setup_distributed() -> Distributed:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPU, gloo on CPU; else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        # torchrun's store outlives a restart (--max-restarts): keep each attempt's keys apart, or a
+        # restarted rank may read a dead worker's address and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank, world_size=world_size
+        )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
