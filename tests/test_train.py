@@ -203,13 +203,14 @@ def test_presets_and_overrides():
 # -- learning ---------------------------------------------------------------------------------------
 def test_training_learns_fashion_mnist_far_above_chance(trained_run):
     tmp_path, result = trained_run
-    assert result["top1"] > 60, result  # chance is 10%
+    # chance is 10%; the worst of 6 seeds measured 68.7% (float32) and 69.9% (bf16) (conftest.py)
+    assert result["top1"] > 60, result
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train_subset"] == 4096 and saved["model"] == "crate_mini_patch4_28"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "images_per_s"} <= records[0].keys()
     evaluation = [r for r in records if "top1" in r]
-    assert len(evaluation) == 3 and {"top5", "eval_loss", "whitebox"} <= evaluation[-1].keys()
+    assert len(evaluation) == 5 and {"top5", "eval_loss", "whitebox"} <= evaluation[-1].keys()
     assert len(evaluation[-1]["whitebox"]) == 6 and "compression_in" in evaluation[-1]["whitebox"][0]
 
 
