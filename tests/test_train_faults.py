@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from crate import checkpoint
 from crate.data import InMemoryImages
-from crate.train import EXIT_NONFINITE, main, resolve_config, train
+from crate.train import EXIT_NONFINITE, STOP_SIGNALS, StopSignals, main, resolve_config, train
 from tests.test_train import FAST
 
 # 256 images of batch 64: 4 optimizer steps an epoch, each image once per epoch
@@ -187,3 +188,13 @@ def test_world_size_missing_data_and_another_runs_folder_fail_in_one_line(tmp_pa
     saved = json.loads(json.dumps(resolve_config(["--output", str(tmp_path / "run")]).__dict__))
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved | {"lr": 1.0}))
     assert "holds another run (its config.json differs in lr): pass --resume" in refusal()
+
+
+# -- stop signals ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("number", STOP_SIGNALS)
+def test_a_stop_signal_is_noted_not_fatal_and_the_handler_put_back(number):
+    before = signal.getsignal(number)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), number)
+        assert signals.received == signal.Signals(number).name
+    assert signal.getsignal(number) is before
