@@ -6,9 +6,11 @@ Fashion-MNIST is read from the files that the Debian package dataset-fashion-mni
 CRATE_FASHION_MNIST points elsewhere. Nothing is downloaded unless ``download=True`` (``--download``).
 """
 
+import contextlib
 import gzip
 import logging
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +207,40 @@ def _per_class(targets: torch.Tensor, indices: torch.Tensor, count: int, seed: i
             )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(chosen).sort().values
+
+
+class SeededSamples(Dataset):
+    """``dataset`` with sample i of epoch e drawn under the RNGs (Python, NumPy, torch's CPU one) seeded
+    by (seed, e, i) and restored afterwards: random transforms (timm's crop, flip, RandAugment, random
+    erasing) then give a sample the same augmentation whichever worker, batch order or resumed run
+    draws it, as InMemoryImages does for its own augmentation (call ``set_epoch``)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with _seeded(hash((self.seed, self.epoch, index)) % 2**32):
+            return self.dataset[index]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it would reseed CUDA's too
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 class ImageFolderSkippingCorrupt(Dataset):

@@ -23,11 +23,26 @@ import timm.data
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from . import data, sources
 from .data import collate_skipping_none
+
+
+class ShardSampler(Sampler):
+    """Rank r of w evaluates images r, r + w, r + 2w, ...: over all ranks every image exactly once.
+    (torch's DistributedSampler pads the set to a multiple of w with repeated images, which the summed
+    counts of ``measure`` would then count twice.)"""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 @torch.no_grad()

@@ -17,6 +17,11 @@ latest checkpoint. Batch sizes are global; the learning rate is given at ``lr_ba
 linearly to the global batch. The class count comes from the dataset (Fashion-MNIST: 10; ImageNet:
 the class folders of train/; named datasets: the classes they declare, else ``--num-classes``).
 
+On a cluster: SIGTERM or SIGUSR1 stops every rank after the same step with a checkpoint (exit code
+75); under ``torchrun --max-restarts=N`` a restarted group resumes by itself; a step with a NaN/inf loss
+or gradient is skipped on every rank (exit code 65 after --max-nonfinite-steps in a row); a bad
+configuration fails before any work in one line (exit code 2). README "Runs that survive a cluster".
+
 ``--finetune SOURCE`` starts from trained weights (crate/sources.py: a run or checkpoint folder, a
 .safetensors or .pth file in this project's or a released layout, or a timm name with published
 weights such as ``crate_alpha_base_patch16_224.in21k``): every tensor but the classifier loads
@@ -36,10 +41,14 @@ import logging
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import timm
@@ -57,7 +66,7 @@ from tqdm import tqdm
 
 from . import analysis, checkpoint, data, sources
 from .data import collate_skipping_none
-from .evaluate import measure
+from .evaluate import ShardSampler, measure
 from .model import CRATE
 
 log = logging.getLogger("crate.train")
@@ -120,6 +129,7 @@ class TrainConfig:
     train_subset: int = 0  # use only the first n training images (0: all)
     eval_subset: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    max_nonfinite_steps: int = 10  # skipped steps (NaN/inf loss or gradient) in a row before the run stops
     resume: bool = False
     log_every: int = 20
 
@@ -263,6 +273,7 @@ PRESETS = {
 def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     """Preset values, then every command-line override."""
     parser = argparse.ArgumentParser(prog="crate train", description=__doc__.splitlines()[0])
+    parser.error = _exit_with  # one line, without the usage (crate train --help prints it)
     for field in dataclasses.fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type is bool:
@@ -271,9 +282,7 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, type=field.type if field.type in (int, float) else str)
     args = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     preset = args.get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        parser.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    values = PRESETS[preset] | args
+    values = PRESETS.get(preset, {}) | args
     if values.get("finetune") and "model" not in args:  # the architecture the source names, if any
         values["model"] = sources.source_model_name(values["finetune"]) or values.get(
             "model", TrainConfig.model
@@ -281,25 +290,54 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     config = TrainConfig(**values)
     try:
         check_config(config)
-    except ValueError as error:
-        parser.error(str(error))
+    except ConfigError as error:
+        _exit_with(error)
     return config
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the option and what it expects."""
+
+
+def _exit_with(error: ConfigError | str):
+    print(f"crate train: error: {error}", file=sys.stderr)  # one line, before any work
+    raise SystemExit(2)
+
+
 def check_config(config: TrainConfig) -> None:
-    """Options that cannot work together or cannot be parsed: a ValueError saying what was expected."""
+    """Options that cannot work alone or together, or cannot be parsed: a ConfigError naming the option."""
+    if config.preset not in PRESETS:
+        raise ConfigError(f"--preset {config.preset!r} is unknown; choose from {sorted(PRESETS)}")
+    if not timm.is_model(config.model.split(".")[0]):
+        raise ConfigError(
+            f"--model {config.model!r} is not a timm model "
+            "(crate_*, crate_alpha_* or a name timm.list_models() gives)"
+        )
+    if config.opt.lower().split("_")[-1] not in timm.optim.list_optimizers():
+        raise ConfigError(f"--opt {config.opt!r} is not a timm optimizer (adamw, lion, sgd, ...)")
+    for name in ("lr", "lr_batch", "batch_size", "epochs", "accum_steps", "checkpoint_every", "log_every"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.max_nonfinite_steps < 1 or config.keep_checkpoints < 1:
+        raise ConfigError("--max-nonfinite-steps and --keep-checkpoints must be at least 1")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % (world_size * config.accum_steps):
+        raise ConfigError(
+            f"--batch-size {config.batch_size} (global) must be divisible by world size × --accum-steps "
+            f"({world_size} × {config.accum_steps})"
+        )
     opt_betas(config)
     if config.freeze and not config.finetune:
-        raise ValueError(
+        raise ConfigError(
             "--freeze trains only the classifier on top of trained weights: add --finetune SOURCE "
             "(or leave out --freeze to train every parameter)"
         )
     if not 0 <= config.layer_decay < 1:
-        raise ValueError(f"--layer-decay must be in [0, 1) (0: off; e.g. 0.75), got {config.layer_decay}")
+        raise ConfigError(f"--layer-decay must be in [0, 1) (0: off; e.g. 0.75), got {config.layer_decay}")
     if config.eval_every < 1:
-        raise ValueError(f"--eval-every must be >= 1 (epochs between evaluations), got {config.eval_every}")
+        raise ConfigError(f"--eval-every must be >= 1 (epochs between evaluations), got {config.eval_every}")
     if config.eval_crop_mode not in ("center", "squash", "border"):
-        raise ValueError(f"--eval-crop-mode must be center, squash or border, got {config.eval_crop_mode!r}")
+        raise ConfigError(f"--eval-crop-mode must be center, squash or border, got {config.eval_crop_mode!r}")
 
 
 def opt_betas(config: TrainConfig) -> tuple[float, float] | None:
@@ -310,9 +348,9 @@ def opt_betas(config: TrainConfig) -> tuple[float, float] | None:
     try:
         betas = tuple(float(value) for value in config.opt_betas.split(","))
     except ValueError:
-        raise ValueError(f"--opt-betas must be {expected}, got {config.opt_betas!r}") from None
+        raise ConfigError(f"--opt-betas must be {expected}, got {config.opt_betas!r}") from None
     if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-        raise ValueError(f"--opt-betas must be {expected}, got {config.opt_betas!r}")
+        raise ConfigError(f"--opt-betas must be {expected}, got {config.opt_betas!r}")
     return betas
 
 
@@ -332,7 +370,13 @@ def setup_distributed() -> Distributed:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPU, gloo on CPU; else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        # torchrun's store outlives a restart (--max-restarts): keep each attempt's keys apart, or a
+        # restarted rank may read a dead worker's address and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank, world_size=world_size
+        )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -512,35 +556,228 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 # -- training ----------------------------------------------------------------------------------------
+# `crate train` exits with 0 when done, 2 for a bad configuration (one line naming the option), and:
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: SIGTERM or SIGUSR1 arrived, a checkpoint was written: resume
+EXIT_NONFINITE = 65  # sysexits' EX_DATAERR: --max-nonfinite-steps steps in a row had a NaN/inf loss or
+#                      gradient; the checkpoint holds the last good weights (resuming continues after them)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before preempting (SLURM: --signal)
+
+
+class PreemptedError(Exception):
+    exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteStepsError(RuntimeError):
+    exit_code = EXIT_NONFINITE
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: built once by ``set_up``, advanced by ``optimizer_step``."""
+
+    config: TrainConfig
+    distributed: Distributed
+    output: Path
+    model: torch.nn.Module  # the bare model: checkpoints, EMA and evaluation read it
+    train_model: torch.nn.Module  # the one the step runs: compiled and/or in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: timm.scheduler.scheduler.Scheduler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: torch.nn.Module
+    train_set: Dataset
+    sampler: "ResumableSampler | None"  # None for a streamed dataset
+    loader: DataLoader
+    test_loader: DataLoader
+    micro_batch: int  # images per rank per forward pass
+    steps_per_epoch: int
+    total_steps: int
+    autocast: Callable
+    telemetry_images: torch.Tensor | None
+    metrics_file: TextIO | None  # rank 0's
+    step: int = 0  # optimizer steps taken (skipped non-finite ones included): the data position
+    saved_step: int = -1
+    images_seen: int = 0  # since the last log record, all ranks
+    skipped_images: int = 0  # unreadable ones
+    nonfinite_steps: int = 0  # skipped for a NaN/inf loss or gradient, in this process
+    nonfinite_in_a_row: int = 0
+
+
 def train(config: TrainConfig) -> dict:
-    """Run (or resume) training; returns the final evaluation metrics. Rank 0 writes everything."""
+    """Run (or resume) training; returns the final evaluation metrics. Rank 0 writes everything.
+
+    Raises PreemptedError after SIGTERM or SIGUSR1 (once the current step is done on every rank and a
+    checkpoint is written) and NonFiniteStepsError after --max-nonfinite-steps skipped steps in a row."""
+    check_before_training(config)
+    run = set_up(config)
+    progress = tqdm(
+        mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
+        total=run.total_steps,
+        initial=run.step,
+        disable=not run.distributed.is_main,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    result, start_time = {}, time.perf_counter()
+    try:
+        with StopSignals() as signals:
+            while run.step < run.total_steps:
+                tick = time.perf_counter()
+                for micro_batches in epoch_steps(run):
+                    loss, applied, stop = optimizer_step(run, micro_batches, signals.received is not None)
+                    progress.update(1)
+                    if run.step % run.config.log_every == 0 or run.step == run.total_steps:
+                        _log_step(run, loss, tick, progress)
+                        tick = time.perf_counter()
+                    if not applied and run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
+                        save_checkpoint(run)
+                        raise NonFiniteStepsError(
+                            f"{run.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                            f"gradient (up to step {run.step}); the last good weights are in "
+                            f"{checkpoint.step_folder(run.output, run.step)}"
+                        )
+                    if stop and run.step < run.total_steps:
+                        save_checkpoint(run)
+                        raise PreemptedError(
+                            f"stopped at step {run.step} on a stop signal; checkpoint "
+                            f"{checkpoint.step_folder(run.output, run.step)}: rerun with --resume"
+                        )
+                    if checkpoint_due(run):
+                        save_checkpoint(run)
+                    if evaluation_due(run):
+                        result = evaluate(run, start_time)
+                        progress.write(_summary(result))
+    finally:
+        progress.close()
+        if run.metrics_file:
+            run.metrics_file.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+# -- run set-up --------------------------------------------------------------------------------------
+def check_before_training(config: TrainConfig) -> None:
+    """What would fail later, checked before any work: the options (check_config), the data, and an
+    output folder holding another run's configuration."""
+    check_config(config)
+    check_data(config)
+    saved = Path(config.output) / "config.json"
+    if saved.exists() and not _resuming(config):
+        differing = _differing_fields(json.loads(saved.read_text()), dataclasses.asdict(config))
+        if differing:
+            raise ConfigError(
+                f"--output {config.output} holds another run (its config.json differs in "
+                f"{', '.join(differing)}): "
+                "pass --resume to continue it, or choose another --output"
+            )
+
+
+def _differing_fields(saved: dict, current: dict) -> list[str]:
+    keys = (saved.keys() | current.keys()) - {"resume"}
+    return sorted(key for key in keys if saved.get(key) != current.get(key))
+
+
+def check_data(config: TrainConfig) -> None:
+    """The dataset is where --data says (or --download may fetch it): ConfigError naming --data."""
+    if config.dataset == "fashion-mnist":
+        try:
+            data.fashion_mnist_root(config.data)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--data: {error}") from error
+    elif config.dataset == "imagenet":
+        for split in ("train", "val"):
+            folder = Path(config.data or "") / split
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"--data: ImageNet not found: {folder} is not a folder. Pass --data with a folder "
+                    "holding train/ and val/ in torchvision's ImageFolder layout (one sub-folder per class)"
+                )
+
+
+def _resuming(config: TrainConfig) -> bool:
+    """--resume, or a torchrun restart (--max-restarts) of a run that has written a checkpoint."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return config.resume or (restarted and (Path(config.output) / checkpoint.LATEST).is_file())
+
+
+def set_up(config: TrainConfig) -> Run:
+    """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
     distributed = setup_distributed()
     device = distributed.device
     output = Path(config.output)
+    resuming = _resuming(config)
     if distributed.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     _seed_everything(config.seed)  # the same initial model (and EMA) on every rank
 
     train_set, test_set = open_datasets(config)
-    model = build_model(config, dataset_classes(config, train_set), load_weights=not config.resume)
+    model = build_model(config, dataset_classes(config, train_set), load_weights=not resuming)
     if distributed.is_main and model.finetune_report is not None:
         (output / "finetune.txt").write_text(f"{model.finetune_report}\n")
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
     prepare_datasets(config, model, train_set, test_set)
+    if not isinstance(train_set, (data.InMemoryImages, torch.utils.data.IterableDataset)):
+        train_set = data.SeededSamples(train_set, config.seed)  # augmentation exact after a resume
     if config.train_subset:
         train_set = _subset(train_set, config.train_subset)
     if config.eval_subset:
         test_set = _subset(test_set, config.eval_subset)
-    if config.batch_size % (distributed.world_size * config.accum_steps):
-        raise ValueError(
-            f"batch_size {config.batch_size} must be divisible by world size × accum_steps "
-            f"({distributed.world_size} × {config.accum_steps})"
-        )
     micro_batch = config.batch_size // (distributed.world_size * config.accum_steps)
-    # streamed datasets (wds/, hfids/, tfds/) shard and shuffle themselves per rank and worker (timm)
+    sampler, loader, test_loader = make_loaders(config, distributed, train_set, test_set, micro_batch)
+    streamed = sampler is None  # wds/, hfids/, tfds/ shard and shuffle themselves per rank and worker
+    steps_per_epoch = (len(train_set) if streamed else len(sampler)) // (micro_batch * config.accum_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
+    optimizer, scheduler = make_optimizer(config, model, steps_per_epoch)
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
+    mixup, criterion = make_loss(config, model.num_classes)
+
+    _seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
+    step = checkpoint.restore(output, model, optimizer, ema, device, distributed.rank) if resuming else 0
+    train_model = torch.compile(model) if config.compile else model
+    if dist.is_initialized():
+        train_model = DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    return Run(
+        config=config,
+        distributed=distributed,
+        output=output,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        mixup=mixup,
+        criterion=criterion,
+        train_set=train_set,
+        sampler=sampler,
+        loader=loader,
+        test_loader=test_loader,
+        micro_batch=micro_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        autocast=_autocast(config, device),
+        telemetry_images=_first_images(test_set, config.telemetry_batch),
+        metrics_file=(output / "metrics.jsonl").open("a") if distributed.is_main else None,
+        step=step,
+        saved_step=step if resuming else -1,
+    )
+
+
+def make_loaders(
+    config: TrainConfig, distributed: Distributed, train_set: Dataset, test_set: Dataset, micro_batch: int
+) -> tuple["ResumableSampler | None", DataLoader, DataLoader]:
+    """The training loader (a resumable sampler unless the dataset streams) and the evaluation loader,
+    which gives each rank a disjoint share of the evaluation set. Each has its own generator, so
+    starting one (it draws its workers' base seed) leaves the global RNG streams alone."""
     streamed = isinstance(train_set, torch.utils.data.IterableDataset)
     sampler = (
         None
@@ -555,20 +792,23 @@ def train(config: TrainConfig) -> dict:
         collate_fn=collate_skipping_none,
         drop_last=True,
         persistent_workers=False,
+        generator=torch.Generator(),
     )
     test_loader = DataLoader(
         test_set,
         256,
-        sampler=torch.utils.data.DistributedSampler(test_set, shuffle=False)
-        if dist.is_initialized() and not isinstance(test_set, torch.utils.data.IterableDataset)
-        else None,
+        sampler=None
+        if isinstance(test_set, torch.utils.data.IterableDataset)
+        else ShardSampler(len(test_set), distributed.rank, distributed.world_size),
         num_workers=config.workers,
         collate_fn=collate_skipping_none,
+        generator=torch.Generator().manual_seed(config.seed),
     )
-    steps_per_epoch = (len(train_set) if streamed else len(sampler)) // (micro_batch * config.accum_steps)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
+    return sampler, loader, test_loader
 
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int):
+    """timm's optimizer (lr scaled linearly to the global batch) and its cosine schedule by step."""
     lr = config.lr * config.batch_size / config.lr_batch
     betas = opt_betas(config)
     optimizer = timm.optim.create_optimizer_v2(
@@ -594,130 +834,202 @@ def train(config: TrainConfig) -> dict:
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
-    mixup = (
-        Mixup(
-            mixup_alpha=config.mixup,
-            cutmix_alpha=config.cutmix,
-            label_smoothing=config.label_smoothing,
-            num_classes=model.num_classes,
-        )
-        if config.mixup or config.cutmix
-        else None
-    )
-    criterion = (
-        SoftTargetCrossEntropy()
-        if mixup
-        else torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    )
+    return optimizer, scheduler
 
-    _seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
-    step = 0
-    if config.resume:
-        step = checkpoint.restore(output, model, optimizer, ema, device)
-        log.info("resumed from step %d", step)
-    train_model = torch.compile(model) if config.compile else model
+
+def make_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
+    """Mixup/CutMix (None when both are off) and the loss: soft-target cross-entropy after Mixup, else
+    cross-entropy with label smoothing."""
+    if not (config.mixup or config.cutmix):
+        return None, torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    mixup = Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
+    return mixup, SoftTargetCrossEntropy()
+
+
+# -- one optimizer step with its guards --------------------------------------------------------------
+def epoch_steps(run: Run) -> Iterator[list]:
+    """The current epoch's remaining optimizer steps, each a list of --accum-steps micro-batches."""
+    epoch, batch_in_epoch = divmod(run.step, run.steps_per_epoch)
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch, batch_in_epoch)
+    elif batch_in_epoch:  # a stream cannot skip to a batch: the epoch's remaining steps see its start
+        log.warning("resumed mid-epoch on a streamed dataset: epoch %d's stream restarts", epoch)
+    getattr(run.train_set, "set_epoch", lambda e: None)(epoch)
+    run.loader.generator.manual_seed(hash((run.config.seed, epoch, run.distributed.rank)) % 2**63)
+    run.model.train()
+    micro_batches = iter(run.loader)
+    for _ in range(min(run.steps_per_epoch - batch_in_epoch, run.total_steps - run.step)):
+        step_batches = list(itertools.islice(micro_batches, run.config.accum_steps))
+        if len(step_batches) < run.config.accum_steps:  # a stream may yield fewer batches than an epoch's
+            return
+        yield step_batches
+
+
+def optimizer_step(run: Run, micro_batches: list, stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
+    """Forward and backward over one step's micro-batches, then the optimizer, schedule and EMA update,
+    unless the loss or a gradient is NaN or inf on any rank: then every rank skips the update alike.
+    Returns (mean loss, whether the update was applied, whether any rank was asked to stop)."""
+    config, device = run.config, run.distributed.device
+    loss = torch.zeros((), device=device)
+    for index, batch in enumerate(micro_batches):
+        if batch is None:  # every image of the micro-batch was unreadable
+            run.skipped_images += run.micro_batch
+            continue
+        run.skipped_images += run.micro_batch - len(batch[1])
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if run.mixup:
+            images, targets = run.mixup(images, targets)
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not dist.is_initialized() else run.train_model.no_sync()
+        with sync, run.autocast():
+            micro_loss = run.criterion(run.train_model(images), targets) / config.accum_steps
+            micro_loss.backward()
+        loss += micro_loss.detach().float()
+        run.images_seen += len(images) * run.distributed.world_size
+    gradients = [p.grad for p in run.model.parameters() if p.grad is not None]
+    if config.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(gradients)
+    finite, stop = _on_every_rank(torch.isfinite(loss) & torch.isfinite(grad_norm), stop_requested)
+    if finite:
+        run.optimizer.step()
+        run.nonfinite_in_a_row = 0
+    else:
+        _report_nonfinite(run, loss)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if finite:
+        run.scheduler.step_update(run.step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=run.step)
+    return loss, finite, stop
+
+
+def _on_every_rank(finite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(finite on every rank, stop asked on any rank): one all-reduce, so that all ranks decide alike."""
+    flags = torch.stack([~finite, torch.tensor(stop_requested, device=finite.device)]).float()
     if dist.is_initialized():
-        train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = _autocast(config, device)
-    telemetry_images = _first_images(test_set, config.telemetry_batch)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop = flags.tolist()
+    return not nonfinite, bool(stop)
 
-    metrics_file = (output / "metrics.jsonl").open("a") if distributed.is_main else None
-    interactive = sys.stderr.isatty()  # a log file gets a line every 30 s, not every step
-    progress = tqdm(
-        mininterval=0.1 if interactive else 30,
-        total=total_steps,
-        initial=step,
-        disable=not distributed.is_main,
-        unit="step",
-        dynamic_ncols=True,
+
+def _report_nonfinite(run: Run, loss: torch.Tensor) -> None:
+    run.nonfinite_steps += 1
+    run.nonfinite_in_a_row += 1
+    parameter = next(
+        (n for n, p in run.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()),
+        None,
     )
-    result = {}
-    start_time = time.perf_counter()
-    skipped_images = 0
-    while step < total_steps:
-        epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch, batch_in_epoch)
-        elif batch_in_epoch:  # a stream cannot skip to a batch: the epoch's remaining steps see its start
-            log.warning("resumed mid-epoch on a streamed dataset: epoch %d's stream restarts", epoch)
-        getattr(train_set, "set_epoch", lambda e: None)(epoch)
-        model.train()
-        tick, images_seen = time.perf_counter(), 0
-        for micro_step, batch in enumerate(loader):
-            if batch is None:  # every image of the micro-batch was unreadable
-                skipped_images += micro_batch
-                continue
-            skipped_images += micro_batch - len(batch[1])
-            images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            if mixup:
-                images, targets = mixup(images, targets)
-            last_micro = (micro_step + 1) % config.accum_steps == 0
-            sync = (
-                contextlib.nullcontext() if last_micro or not dist.is_initialized() else train_model.no_sync()
-            )
-            with sync, autocast():
-                loss = criterion(train_model(images), targets) / config.accum_steps
-                loss.backward()
-            images_seen += len(images) * distributed.world_size
-            if not last_micro:
-                continue
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            progress.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - tick
-                record = dict(
-                    step=step,
-                    epoch=step / steps_per_epoch,
-                    loss=loss.item() * config.accum_steps,
-                    lr=optimizer.param_groups[0]["lr"],
-                    images_per_s=images_seen / elapsed,
-                )
-                progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                _write(metrics_file, record)
-                tick, images_seen = time.perf_counter(), 0
-            end_of_epoch = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every == 0
-            if distributed.is_main and (
-                step % config.checkpoint_every == 0 or end_of_epoch or step == total_steps
-            ):
-                checkpoint.save(output, step, model, optimizer, ema, config.keep_checkpoints)
-            if end_of_epoch or step == total_steps:
-                if skipped_images:
-                    log.warning(
-                        "%d unreadable training images skipped so far (paths logged above)", skipped_images
-                    )
-                result = _evaluate_and_report(
-                    model,
-                    ema,
-                    test_loader,
-                    telemetry_images,
-                    device,
-                    autocast,
-                    step,
-                    steps_per_epoch,
-                    metrics_file,
-                    start_time,
-                )
-                progress.write(_summary(result))
-            if step == total_steps or step % steps_per_epoch == 0:
-                break  # a stream may yield more batches than an epoch's steps
-    progress.close()
-    if metrics_file:
-        metrics_file.close()
+    log.warning(
+        "step %d: loss %s, first non-finite gradient: %s; optimizer and schedule update skipped "
+        "(%d in a row, %d in all)",
+        run.step + 1,
+        loss.item(),
+        parameter,
+        run.nonfinite_in_a_row,
+        run.nonfinite_steps,
+    )
+    _write(
+        run.metrics_file,
+        dict(
+            step=run.step + 1,
+            nonfinite_loss=loss.item(),
+            nonfinite_gradient=parameter,
+            nonfinite_steps=run.nonfinite_steps,
+        ),
+    )
+
+
+def _log_step(run: Run, loss: torch.Tensor, tick: float, progress: tqdm) -> None:
+    record = dict(
+        step=run.step,
+        epoch=run.step / run.steps_per_epoch,
+        loss=loss.item(),
+        lr=run.optimizer.param_groups[0]["lr"],
+        images_per_s=run.images_seen / (time.perf_counter() - tick),
+        nonfinite_steps=run.nonfinite_steps,
+    )
+    progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+    _write(run.metrics_file, record)
+    run.images_seen = 0
+
+
+# -- checkpoints and stop signals --------------------------------------------------------------------
+def checkpoint_due(run: Run) -> bool:
+    return run.step % run.config.checkpoint_every == 0 or _epoch_end(run) or run.step == run.total_steps
+
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 writes the model, optimizer and every rank's RNG states (gathered); all ranks wait for it."""
+    if run.saved_step == run.step:
+        return
+    states = [checkpoint.rng_state()]
+    if dist.is_initialized():
+        gathered = [None] * run.distributed.world_size if run.distributed.is_main else None
+        dist.gather_object(states[0], gathered, dst=0)
+        states = gathered
+    if run.distributed.is_main:
+        checkpoint.save(
+            run.output, run.step, run.model, run.optimizer, run.ema, run.config.keep_checkpoints, states
+        )
     if dist.is_initialized():
         dist.barrier()
+    run.saved_step = run.step
+
+
+class StopSignals:
+    """While open, SIGTERM and SIGUSR1 set ``received`` instead of ending the process: the training loop
+    finishes the step, agrees with the other ranks, checkpoints and raises PreemptedError."""
+
+    def __enter__(self) -> "StopSignals":
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self.previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+        return self
+
+    def _handle(self, number: int, frame) -> None:
+        self.received = signal.Signals(number).name
+        log.warning("%s received: stopping after this step with a checkpoint", self.received)
+
+    def __exit__(self, *exception) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+def _epoch_end(run: Run) -> bool:
+    epoch, batch_in_epoch = divmod(run.step, run.steps_per_epoch)
+    return batch_in_epoch == 0 and epoch % run.config.eval_every == 0
+
+
+def evaluation_due(run: Run) -> bool:
+    return _epoch_end(run) or run.step == run.total_steps
+
+
+def evaluate(run: Run, start_time: float) -> dict:
+    """Top-1, top-5 and loss over the whole evaluation set (each image once, over all ranks), of the EMA
+    model when there is one, and the white-box telemetry of CRATE models; written to metrics.jsonl."""
+    if run.skipped_images:
+        log.warning("%d unreadable training images skipped so far (paths logged above)", run.skipped_images)
+    evaluated = run.ema.module if run.ema is not None else run.model
+    device = run.distributed.device
+    result = dict(
+        step=run.step,
+        epoch=run.step / run.steps_per_epoch,
+        **measure(evaluated, run.test_loader, device, run.autocast),
+    )
+    result["train_time_s"] = time.perf_counter() - start_time
+    if isinstance(evaluated, CRATE) and run.telemetry_images is not None:  # CRATE and CRATE-α (a subclass)
+        result["whitebox_images"] = len(run.telemetry_images)
+        result["whitebox"] = analysis.audit(evaluated, run.telemetry_images.to(device))
+    _write(run.metrics_file, result)
     return result
 
 
@@ -729,19 +1041,6 @@ def _first_images(dataset: Dataset, count: int) -> torch.Tensor | None:
         items = (dataset[index] for index in range(min(count, len(dataset))))
     images = [item[0] for item in items if item is not None]
     return torch.stack(images) if images else None
-
-
-def _evaluate_and_report(
-    model, ema, loader, telemetry_images, device, autocast, step, steps_per_epoch, metrics_file, start_time
-) -> dict:
-    evaluated = ema.module if ema is not None else model
-    result = dict(step=step, epoch=step / steps_per_epoch, **measure(evaluated, loader, device, autocast))
-    result["train_time_s"] = time.perf_counter() - start_time
-    if isinstance(evaluated, CRATE) and telemetry_images is not None:  # CRATE and CRATE-α (a subclass)
-        result["whitebox_images"] = len(telemetry_images)
-        result["whitebox"] = analysis.audit(evaluated, telemetry_images.to(device))
-    _write(metrics_file, result)
-    return result
 
 
 def _summary(result: dict) -> str:
@@ -785,7 +1084,15 @@ def _write(handle, record: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = resolve_config(argv)
-    result = train(config)
+    try:
+        result = train(config)
+    except ConfigError as error:
+        _exit_with(error)
+    except (PreemptedError, NonFiniteStepsError) as stop:
+        log.error("%s", stop)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(stop.exit_code) from None
     if result and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "whitebox"}))
     if dist.is_initialized():

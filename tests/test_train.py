@@ -8,25 +8,37 @@ installs it where it can). Without them they fail with the message saying how to
 import gzip
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from crate import checkpoint
 from crate.data import (
     FashionMNIST,
     ImageFolderSkippingCorrupt,
+    SeededSamples,
     collate_skipping_none,
     fashion_mnist_root,
     read_idx,
 )
-from crate.train import TrainConfig, build_datasets, build_model, dataset_classes, resolve_config, train
+from crate.train import (
+    ConfigError,
+    TrainConfig,
+    build_datasets,
+    build_model,
+    dataset_classes,
+    resolve_config,
+    train,
+)
 
 # a fixed subset and a small model keep each run to seconds on 2 cores
 FAST = [
@@ -102,6 +114,27 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     assert not torch.equal(first, dataset[5][0])
 
 
+class _RandomDraws(torch.utils.data.Dataset):
+    """Items drawn from all three RNGs a transform may use."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([torch.rand(()).item(), random.random(), np.random.rand()])
+
+
+def test_seeded_samples_augment_alike_in_any_worker_order_or_resumed_run():
+    dataset = SeededSamples(_RandomDraws(), seed=3)
+    whole = torch.cat(list(DataLoader(dataset, 2, num_workers=2)))
+    resumed = torch.cat(list(DataLoader(dataset, 2, num_workers=2, sampler=range(6, 12))))  # other workers
+    assert torch.equal(resumed, whole[6:]) and len(whole.unique()) == 36
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[0], whole[0]) and torch.equal(torch.get_rng_state(), state)  # restored
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0], whole[0])
+
+
 def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
@@ -118,7 +151,7 @@ def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
 
 
 def test_missing_imagenet_folder_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"train is not a folder.*ImageFolder layout"):
+    with pytest.raises(ConfigError, match=r"--data: .*train is not a folder.*ImageFolder layout"):
         train(
             resolve_config(
                 [
@@ -170,13 +203,14 @@ def test_presets_and_overrides():
 # -- learning ---------------------------------------------------------------------------------------
 def test_training_learns_fashion_mnist_far_above_chance(trained_run):
     tmp_path, result = trained_run
-    assert result["top1"] > 60, result  # chance is 10%
+    # chance is 10%; the worst of 6 seeds measured 68.7% (float32) and 69.9% (bf16) (conftest.py)
+    assert result["top1"] > 60, result
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train_subset"] == 4096 and saved["model"] == "crate_mini_patch4_28"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "images_per_s"} <= records[0].keys()
     evaluation = [r for r in records if "top1" in r]
-    assert len(evaluation) == 3 and {"top5", "eval_loss", "whitebox"} <= evaluation[-1].keys()
+    assert len(evaluation) == 5 and {"top5", "eval_loss", "whitebox"} <= evaluation[-1].keys()
     assert len(evaluation[-1]["whitebox"]) == 6 and "compression_in" in evaluation[-1]["whitebox"][0]
 
 
