@@ -18,6 +18,7 @@ IMAGES = 101
 
 
 def _evaluate(rank: int, world_size: int, folder: str) -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do: a forked child must not use the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 5)  # the same on every rank
