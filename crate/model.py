@@ -227,7 +227,9 @@ def _config_from(config: CRATEConfig | None, kwargs: dict, config_class: type = 
 
 
 @torch.fx.wrap
-def checked_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str) -> torch.Tensor:
+def checked_images(
+    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str
+) -> torch.Tensor:
     """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W).
 
     A leaf of torch.fx traces (torch.fx.wrap) whose output the graph uses, so that a traced model
