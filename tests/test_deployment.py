@@ -34,7 +34,11 @@ MEASURED = [
     ("crate_tiny_patch16_224", {}),
     ("crate_alpha_base_patch16_224", dict(img_size=64)),
 ]
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+# torch.jit.script is deprecated (FutureWarning); scripting an FX GraphModule warns about torch's own
+# GraphModule attributes (UserWarning)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::DeprecationWarning", "ignore:The TorchScript type system:UserWarning"
+)
 
 
 def _images(model, batch: int, seed: int = 0) -> torch.Tensor:
