@@ -136,28 +136,50 @@ def test_fx_features_equal_the_eager_layer_outputs(measured, feature_cls):
 
 
 # -- training paths ---------------------------------------------------------------------------------------
+def _within_float32_error(actual: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor) -> bool:
+    """The precision rule (module docstring), for one tensor."""
+    eager_error = (eager.double() - reference).abs().max().item()
+    bound = 2 * eager_error + 4 * UNIT_ROUNDOFF * (1 + reference.abs().max().item())
+    return (actual.double() - reference).abs().max().item() <= bound
+
+
 @pytest.mark.parametrize("form", ["fx", "script", "fx+script", "export"])
 @pytest.mark.parametrize("name", ["crate_mini_patch4_28", "crate_alpha_mini_patch4_28"])
 def test_training_paths_survive(name, form, tmp_path):
-    """Drop path (random per sample), gradient checkpointing and the explicit attention under autograd:
-    the traced model's outputs and gradients are eager's, the same kernels in the same order."""
+    """Drop path (random per sample, the same draws), gradient checkpointing and the attention under
+    autograd: the traced model's outputs and gradients are eager's, bit for bit under FX (the same
+    leaves run), else within float32's error against a float64 eager run (TorchScript and torch.export
+    may differentiate another attention path than eager's)."""
     model = timm.create_model(name, drop_path_rate=0.5).train()
-    model.set_grad_checkpointing()
+    twin = timm.create_model(name, drop_path_rate=0.5).train().double()
+    twin.load_state_dict(model.state_dict())
+    for module in (model, twin):
+        module.set_grad_checkpointing()
     images = _images(model, batch=4)
     deployed = FORMS[form](model, images, tmp_path)
 
-    def step(module):
-        torch.manual_seed(0)
-        outputs = module(images)
+    def step(module, dtype=torch.float32):
+        torch.manual_seed(0)  # the same drop-path draws in every dtype
+        outputs = module(images.to(dtype))
         outputs.square().sum().backward()
-        return outputs, {key: p.grad for key, p in module.named_parameters()}
+        return outputs.detach(), {key: p.grad for key, p in module.named_parameters()}
 
+    reference, reference_gradients = step(twin, torch.float64)
     outputs, gradients = step(model)
     model.zero_grad()
     deployed_outputs, deployed_gradients = step(deployed)
-    assert torch.equal(deployed_outputs, outputs)
     assert deployed_gradients.keys() == gradients.keys()
-    assert all(torch.equal(deployed_gradients[key], gradients[key]) for key in gradients)
+    if form == "fx":
+        assert torch.equal(deployed_outputs, outputs)
+        assert all(torch.equal(deployed_gradients[key], gradients[key]) for key in gradients)
+    else:
+        assert _within_float32_error(deployed_outputs, outputs, reference)
+        far = [
+            key
+            for key in gradients
+            if not _within_float32_error(deployed_gradients[key], gradients[key], reference_gradients[key])
+        ]
+        assert far == []
 
 
 # -- input errors ---------------------------------------------------------------------------------------
