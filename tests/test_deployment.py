@@ -6,10 +6,11 @@ onnxruntime.
   timm's FX feature extractor, scripts, scripts after FX; `-m slow` exports each with torch.export.
 - Numbers, on CRATE-mini, CRATE-α-mini, CRATE-T (224×224) and CRATE-α-B/16 at 64×64 (its registered
   width and depth): each form's logits on a batch other than the export example's obey the precision
-  rule of math.md §8 against a float64 eager run, max|form − ref| <= 2·max|eager − ref| + 4u(1 + max|ref|)
-  with eager the float32 model and u = 2⁻²⁴. FX runs the same modules and leaves as eager: bitwise
-  equal. Export and ONNX record the attention path taken while exporting (under autograd: the explicit
-  one), eager without autograd runs SDPA: two float32 computations, which the rule compares.
+  rule of docs/math.md §8.2 against a float64 eager run,
+  max|form − ref| <= 2·max|eager − ref| + 4u(1 + max|ref|), with eager the float32 model, u = 2⁻²⁴.
+  FX runs the same modules and leaves as eager: bitwise equal. Export and ONNX record the attention
+  path taken while exporting (under autograd: the explicit one), eager without autograd runs SDPA:
+  two float32 computations, which the rule compares.
 - Training paths (drop path, gradient checkpointing, the explicit attention under autograd) and input
   errors survive tracing and scripting.
 `python -m benchmarks.deployment` prints the measured differences (README, "Deploying").
