@@ -19,7 +19,7 @@ from .model import (
 )
 
 if importlib.util.find_spec("timm") is not None:
-    from . import registry  # noqa: F401  (registers the models with timm)
+    from . import baselines, crate  # noqa: F401  (register the models with timm, modules "crate" and "baselines")
 
 __version__ = "0.1.0"
 __all__ = [

@@ -160,7 +160,7 @@ ALPHA_VARIANTS = {
 }
 
 # variant: {tag: hub file}; None: an ImageNet-21K file found by its prefix in IN21K_FOLDER (see
-# registry._hub_file), since the folder's long file names are not fixed here
+# crate.crate._with_hub_file), since the folder's long file names are not fixed here
 PRETRAINED = {
     "crate_alpha_base_patch16_224": {"in21k_ft_in1k": "torch/crate_alpha_B16.pth", "in21k": None},
     "crate_alpha_large_patch14_224": {"in21k_ft_in1k": "torch/crate_alpha_L14.pth", "in21k": None},

@@ -39,11 +39,37 @@ class PatchEmbed(nn.Module):
         self.norm_out = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = images.shape
-        P = self.patch_size
-        grid = images.reshape(B, C, H // P, P, W // P, P)  # (B, C, h, p1, w, p2)
-        patches = grid.permute(0, 2, 4, 3, 5, 1).reshape(B, self.num_patches, P * P * C)  # (B, n, p1·p2·c)
+        # sizes from the configuration (the model checked the images), so that a traced or exported
+        # graph has only the batch size free
+        B, C, P = images.shape[0], self.in_chans, self.patch_size
+        h, w = self.grid_size
+        grid = images.reshape(B, C, h, P, w, P)  # (B, C, h, p1, w, p2)
+        patches = grid.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, P * P * C)  # (B, n, p1·p2·c)
         return self.norm_out(self.proj(self.norm_in(patches)))  # (B, n, d)
+
+
+@torch.fx.wrap
+def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+    """softmax_row(s·w_k w_kᵀ)·w_k per head: (B, K, N, p) -> (B, K, N, p), query = key = value = w.
+
+    ``fused``: F.scaled_dot_product_attention where no gradient flows or its backward is accurate,
+    else symmetric_attention; not fused, and under TorchScript and torch.export, the explicit
+    matmul-softmax path (see MSSA for why). A leaf of torch.fx traces (torch.fx.wrap), so that a
+    traced model makes this choice when it runs, as the eager one does. The autograd function stays
+    behind is_scripting (TorchScript cannot compile one) and is_exporting (an exported graph
+    differentiates plain operations only).
+    """
+    autograd = torch.is_grad_enabled() and w.requires_grad
+    if fused and (not autograd or _fused_backward_is_accurate(w)):
+        return F.scaled_dot_product_attention(w, w, w, scale=scale)
+    if fused and not torch.jit.is_scripting():
+        if not torch.compiler.is_exporting():
+            return symmetric_attention(w, scale)
+    return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w
+
+
+def _fused_backward_is_accurate(w: torch.Tensor) -> bool:
+    return w.is_cuda and (w.dtype == torch.float16 or w.dtype == torch.bfloat16)  # see MSSA
 
 
 class MSSA(nn.Module):
@@ -89,19 +115,9 @@ class MSSA(nn.Module):
         return ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        w = self._heads(y)
-        if not self.fused_attn:
-            o = ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ w
-        elif torch.is_grad_enabled() and w.requires_grad and not _fused_backward_is_accurate(w):
-            o = symmetric_attention(w, self.scale)
-        else:
-            o = F.scaled_dot_product_attention(w, w, w)  # default scale p^{-½}
+        o = subspace_attention(self._heads(y), self.scale, self.fused_attn)
         o = o.transpose(1, 2).flatten(2)  # (B, N, K·p)
         return self.proj_drop(self.proj(o))
-
-
-def _fused_backward_is_accurate(w: torch.Tensor) -> bool:
-    return w.is_cuda and w.dtype in (torch.float16, torch.bfloat16)  # see MSSA
 
 
 class ISTA(nn.Module):
@@ -166,7 +182,7 @@ class DropPath(nn.Module):
         if not self.training:
             return x
         keep = 1 - self.probability
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, …)
         return x * mask / keep
 
 
@@ -226,6 +242,37 @@ def _config_from(config: CRATEConfig | None, kwargs: dict, config_class: type = 
     return replace(config, **overrides)
 
 
+@torch.fx.wrap
+def checked_images(
+    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str
+) -> torch.Tensor:
+    """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W).
+
+    A leaf of torch.fx traces (torch.fx.wrap) whose output the graph uses, so that a traced model
+    still checks its input when it runs; TorchScript compiles it (the type test is Python's only).
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"{model} expects floating-point images, got {type(images).__name__}; "
+                "convert with torch.as_tensor(...).float() (and normalise) first"
+            )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{model} expects floating-point images, got {images.dtype}; "
+            "convert with .float() (and normalise) first"
+        )
+    expected = (in_chans, img_size[0], img_size[1])
+    if images.dim() != 4 or (images.shape[1], images.shape[2], images.shape[3]) != expected:
+        got = ", ".join([str(size) for size in images.shape])
+        raise ValueError(
+            f"{model} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+            f"got ({got}); build the model with in_chans/img_size to match "
+            "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
+        )
+    return images
+
+
 class CRATE(nn.Module):
     """CRATE classifier with timm's model contract (forward_features, forward_head, forward_intermediates,
     ...). Build it from a CRATEConfig and/or keyword overrides, or with timm.create_model.
@@ -243,6 +290,7 @@ class CRATE(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
+        self.class_name = type(self).__name__  # names the model in input errors (TorchScript has no type())
 
         self.patch_embed = self.make_patch_embed(config)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))  # standard normal, as the official init
@@ -284,28 +332,11 @@ class CRATE(nn.Module):
             config.fused_attn,
         )
 
-    # -- input ---------------------------------------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
-        name = type(self).__name__
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            got = getattr(images, "dtype", type(images).__name__)
-            raise TypeError(
-                f"{name} expects floating-point images, got {got}; "
-                "convert with .float() (and normalise) first"
-            )
-        expected = (self.patch_embed.in_chans, *self.patch_embed.img_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"{name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
-                f"got {tuple(images.shape)}; build the model with in_chans/img_size to match "
-                "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
-            )
-
     # -- features ------------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, d): the stream entering the first layer."""
-        self._check_images(images)
-        x = self.patch_embed(images)
+        embed = self.patch_embed
+        x = embed(checked_images(images, embed.in_chans, embed.img_size, self.class_name))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.pos_drop(x)
 
@@ -316,6 +347,8 @@ class CRATE(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)
+        if torch.jit.is_scripting():  # TorchScript can neither checkpoint nor pass a block to a method
+            return self.blocks(x)
         for block in self.blocks:
             x = self._run_block(block, x)
         return x  # (B, N, d), the last ISTA output

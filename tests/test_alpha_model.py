@@ -283,6 +283,6 @@ def test_published_weights_load_from_the_hub_cache_offline(tmp_path):
     ],
 )
 def test_an_ambiguous_or_missing_hub_file_is_refused_with_the_fix(monkeypatch, listing, message):
-    monkeypatch.setattr(crate.registry, "_hub_listing", lambda: (listing, "a test listing"))
+    monkeypatch.setattr(crate.crate, "_hub_listing", lambda: (listing, "a test listing"))
     with pytest.raises(FileNotFoundError, match=message + r"(.|\n)*hf_hub_filename=\.\.\.(.|\n)*file=\.\.\."):
         timm.create_model("crate_alpha_large_patch14_224.in21k", pretrained=True)

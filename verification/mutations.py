@@ -139,13 +139,13 @@ MUTATIONS = [
     Mutation(
         "fast: attention softmax over queries",
         "crate/model.py",
-        "* self.scale).softmax(dim=-1) @ w",
-        "* self.scale).softmax(dim=-2) @ w",
+        "* scale).softmax(dim=-1) @ w",
+        "* scale).softmax(dim=-2) @ w",
     ),
     Mutation(
         "fast: SDPA without the p^-½ scale",
         "crate/model.py",
-        "F.scaled_dot_product_attention(w, w, w)",
+        "F.scaled_dot_product_attention(w, w, w, scale=scale)",
         "F.scaled_dot_product_attention(w, w, w, scale=1.0)",
     ),
     Mutation(

@@ -1,6 +1,7 @@
-"""timm registry entries for every CRATE and CRATE-α configuration:
+"""timm registry entries for every CRATE and CRATE-α configuration, in the timm module `crate`:
 `timm.create_model("crate_tiny_patch16_224")`,
-`timm.create_model("crate_alpha_base_patch16_224", pretrained=True)`.
+`timm.create_model("crate_alpha_base_patch16_224", pretrained=True)`, `timm.list_models(module="crate")`
+(timm names a model's module after the last component of its entry function's module).
 
 Imported by `import crate` when timm is installed. Checkpoints in the released layouts load through
 timm's pretrained machinery, converted by `convert_official_state_dict`: CRATE-α's published weights
@@ -15,11 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from .alpha import ALPHA_VARIANTS, HUB_ID, IN21K_FOLDER, CRATEAlpha, alpha_default_cfgs, alpha_variant_config
 from .model import CRATE, VARIANTS, convert_official_state_dict, default_cfg, variant_config
 
-default_cfgs = generate_default_cfgs(
-    {name: default_cfg(name) for name in VARIANTS}
-    | {"vit_mini_patch4_28": default_cfg("crate_mini_patch4_28")}
-    | alpha_default_cfgs()
-)
+default_cfgs = generate_default_cfgs({name: default_cfg(name) for name in VARIANTS} | alpha_default_cfgs())
 
 
 def _create_crate(variant: str, pretrained: bool = False, **kwargs) -> CRATE:
@@ -28,10 +25,15 @@ def _create_crate(variant: str, pretrained: bool = False, **kwargs) -> CRATE:
         variant,
         pretrained,
         pretrained_filter_fn=convert_official_state_dict,
-        feature_cfg=dict(feature_cls="getter"),
+        feature_cfg=_feature_cfg(kwargs),
         config=variant_config(variant),
         **kwargs,
     )
+
+
+def _feature_cfg(kwargs: dict) -> dict:
+    """features_only by forward_intermediates, of the last 3 layers unless out_indices says (as timm ViTs)."""
+    return dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", 3))
 
 
 @register_model
@@ -76,18 +78,6 @@ def crate_mini_patch4_28(pretrained: bool = False, **kwargs) -> CRATE:
     return _create_crate("crate_mini_patch4_28", pretrained, **kwargs)
 
 
-@register_model
-def vit_mini_patch4_28(pretrained: bool = False, **kwargs):
-    """timm's VisionTransformer with crate_mini_patch4_28's width, depth, heads and patches (MLP ratio
-    4): the black-box baseline of the Fashion-MNIST demo."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    model_args = dict(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4
-    )
-    return build_model_with_cfg(VisionTransformer, "vit_mini_patch4_28", pretrained, **(model_args | kwargs))
-
-
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs) -> CRATEAlpha:
     if pretrained:
         kwargs = _with_hub_file(variant, kwargs)
@@ -96,7 +86,7 @@ def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs) -> CRA
         variant,
         pretrained,
         pretrained_filter_fn=convert_official_state_dict,
-        feature_cfg=dict(feature_cls="getter"),
+        feature_cfg=_feature_cfg(kwargs),
         config=alpha_variant_config(variant),
         **kwargs,
     )
