@@ -106,10 +106,16 @@ def _model(family: str, grid: tuple[int, int], dim: int):
 
 
 def _loaded_position_embedding(loader: str, state: dict, model) -> torch.Tensor:
-    """The position embedding a model of another grid gets from a released-layout state dict."""
+    """The position embedding a model gets from a released-layout state dict; fine-tuning must also
+    load every other tensor as it is and leave the classifier as initialised."""
     if loader == "convert":
         return convert_official_state_dict(state, model)["pos_embed"]
-    load_for_finetuning(model, Source(convert_official_state_dict(state), None, "a test state dict"))
+    source = convert_official_state_dict(state)
+    fresh_head = {key: value.clone() for key, value in model.head.state_dict().items()}
+    load_for_finetuning(model, Source(source, None, "a test state dict"))
+    for key, value in model.state_dict().items():  # the rest loaded as is, the classifier left fresh
+        expected = fresh_head[key.removeprefix("head.")] if key.startswith("head.") else source[key]
+        assert key == "pos_embed" or torch.equal(value, expected), f"fine-tuning loaded {key} wrongly"
     return model.pos_embed.detach()
 
 
