@@ -380,6 +380,18 @@ MUTATIONS = [
         "x = self.head_drop(self.fc_norm(x))",
         "x = self.head_drop(x if pre_logits else self.fc_norm(x))",
     ),
+    Mutation(
+        "white-box: patch PCA without centring",
+        "crate/analysis.py",
+        "flat = flat - flat.mean(0)",
+        "flat = flat",
+    ),
+    Mutation(
+        "white-box: patch PCA on the last directions",
+        "crate/analysis.py",
+        "components = flat @ V[:3].T",
+        "components = flat @ V[-3:].T",
+    ),
     # training mode: stochastic depth and dropout
     Mutation("fast: drop-path without 1/keep", "crate/model.py", "return x * mask / keep", "return x * mask"),
     Mutation(

@@ -1,8 +1,9 @@
 """What the fast models hand to a user equals the float64 reference's: the attention maps of every
 layer and head (``forward_intermediates(..., return_attention=True)``, which ``MSSA.attention``
 computes, and the cls-token maps of ``crate.analysis.attention_maps`` that the audit plots), timm's
-per-layer features in every format, and the pooled features and logits under every pool option
-(CRATE: ``reference.OfficialCRATE``; CRATE-α: ``reference.OfficialCRATEAlpha``).
+per-layer features in every format, the pooled features and logits under every pool option (CRATE:
+``reference.OfficialCRATE``; CRATE-α: ``reference.OfficialCRATEAlpha``), and the audit's patch PCA
+(against an eigendecomposition of the reference's features).
 
 float64 throughout: max|fast − ref| <= 1e-10·(1 + max|ref|), the tolerance of test_fast_model.py
 (math.md §8.1), whose layer states these quantities are computed from.
@@ -10,7 +11,7 @@ float64 throughout: max|fast − ref| <= 1e-10·(1 + max|ref|), the tolerance of
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from crate import analysis, load_official_state_dict
@@ -138,3 +139,35 @@ def test_pooled_features_and_logits_equal_reference_under_every_pool(
     assert_close(logits, expected_logits, _tolerance(expected_logits), f"logits, pool {pool}")
     assert_close(features, expected_features, _tolerance(expected_features), f"pre-logits, pool {pool}")
     assert_close(headless, expected_features, _tolerance(expected_features), f"headless output, pool {pool}")
+
+
+@FAMILIES
+@scaled_settings(0.1)
+@given(st.data())
+def test_patch_pca_equals_principal_components_of_reference_features(family, problems, data):
+    """``analysis.patch_pca``: the reference's last-layer patch features of the whole batch, centred,
+    projected on their first three principal directions (eigenvectors of the covariance, largest
+    eigenvalues first), each component min-max scaled to [0, 1], on the patch grid. A principal
+    direction has no sign, so each component may be c or 1 − c. Tolerance 1e-8: the direction of
+    eigenvalue λ_k moves by ~u·λ_max/gap_k, so draws with a relative eigengap under 1e-4 among the
+    first four, or fewer than four directions, are left out (hypothesis ``assume``)."""
+    problem = data.draw(problems(peaky=True))
+    assume(problem.dim >= 4)  # and B·h·w >= 4: 2×2 grids
+    model = fast_float64(family, problem)
+    images = problem.images
+    with torch.no_grad():
+        features = problem.model().forward_intermediates(images)[-1].ista[:, 1:]  # (B, h·w, d)
+    B, L, d = features.shape
+    flat = features.reshape(B * L, d)
+    centred = flat - flat.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)  # ascending
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    gaps = (eigenvalues[:3] - eigenvalues[1:4]) / eigenvalues[0]
+    assume(bool((gaps > 1e-4).all()))
+    pca = analysis.patch_pca(model, images)
+    components = centred @ eigenvectors[:, :3]  # (B·L, 3)
+    low, high = components.min(0).values, components.max(0).values
+    scaled = ((components - low) / (high - low)).T.reshape(3, B, *model.patch_embed.grid_size).transpose(0, 1)
+    for k in range(3):
+        error = min((pca[:, k] - scaled[:, k]).abs().max(), (pca[:, k] - (1 - scaled[:, k])).abs().max())
+        assert error <= 1e-8, f"principal component {k}: error {error:.3e}"
