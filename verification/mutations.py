@@ -1,15 +1,18 @@
 """Every test can fail: break the implementation on purpose, once per mutation, and see which test
 catches it.
 
-    python -m verification.mutations          # all mutations (a few minutes on 2 cores)
+    python -m verification.mutations          # all mutations (an hour or more on 2 cores)
     python -m verification.mutations -k ista  # those whose name contains "ista"
     python -m verification.mutations verification  # caught by verification/ alone?
+    python -m verification.mutations -j 2 verification tests  # two at a time, both folders
 
 Each mutation is applied to a copy of the tree in a temporary folder (this checkout is never
-modified); the suite runs there with the ci hypothesis profile and stops at the first failure (the
-test files likeliest to catch a mutation of its file first, ``FIRST``). A mutation that no test
-catches is reported as MISSED, one whose text is no longer in its file as STALE; the last lines give
-the score (caught of all) and name every survivor, and either makes the exit status non-zero.
+modified); the suites run there and stop at the first failure: the test files likeliest to catch a
+mutation of its file first (``FIRST``), then the rest, with the quick ``mutations`` hypothesis profile
+(ci's, derandomized, with a fifth of its examples); if nothing fails, the whole suites again with
+the ci profile. A mutation that no test catches is reported as MISSED, one whose text is no longer
+in its file as STALE; the last lines give the score (caught of all) and name every survivor, and
+either makes the exit status non-zero.
 """
 
 import argparse
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -619,12 +623,12 @@ def _mutated(mutation: Mutation, source: str) -> str | None:
     return source
 
 
-def _pytest(tree: Path, arguments: list[str]) -> str | None:
+def _pytest(tree: Path, arguments: list[str], profile: str) -> str | None:
     """The first failing test of a pytest run in ``tree`` (it stops there), None if every test passes."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *arguments],
         cwd=tree,
-        env=dict(os.environ, CI="1", PYTHONPATH=str(tree)),
+        env=dict(os.environ, CI="1", HYPOTHESIS_PROFILE=profile, PYTHONPATH=str(tree)),
         capture_output=True,
         text=True,
     )
@@ -636,7 +640,9 @@ def _pytest(tree: Path, arguments: list[str]) -> str | None:
 
 
 def run(mutation: Mutation, suites: list[str]) -> str:
-    """'caught by <test>', MISSED or STALE."""
+    """'caught by <test>', MISSED or STALE. First the FIRST test files, then the rest of the suites, with
+    the quick ``mutations`` hypothesis profile; if nothing failed, the whole suites with the ci profile,
+    so that a survivor has passed what CI runs."""
     with tempfile.TemporaryDirectory() as folder:
         tree = Path(folder) / "tree"
         shutil.copytree(
@@ -653,24 +659,30 @@ def run(mutation: Mutation, suites: list[str]) -> str:
             for name in FIRST.get(mutation.path, ())
             if (tree / suite / name).is_file()
         ]
-        failed = _pytest(tree, first) if first else None
+        failed = _pytest(tree, first, "mutations") if first else None
         if failed is None:
-            failed = _pytest(tree, [*suites, *(f"--ignore={path}" for path in first)])
+            failed = _pytest(tree, [*suites, *(f"--ignore={path}" for path in first)], "mutations")
+        if failed is None:
+            failed = _pytest(tree, suites, "ci")
     return MISSED if failed is None else f"caught by {failed}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Break the implementation on purpose; check a test fails.")
     parser.add_argument("-k", default="", help="only the mutations whose name contains this text")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="mutations run at once")
     parser.add_argument("suites", nargs="*", default=["tests", "verification"], help="test folders to run")
     args = parser.parse_args()
-    outcomes = {}
-    for mutation in MUTATIONS:
-        if args.k.lower() not in mutation.name.lower():
-            continue
+    chosen = [mutation for mutation in MUTATIONS if args.k.lower() in mutation.name.lower()]
+
+    def timed(mutation: Mutation) -> str:
         start = time.monotonic()
-        outcomes[mutation.name] = outcome = run(mutation, args.suites)
+        outcome = run(mutation, args.suites)
         print(f"{mutation.name:60s} {outcome} ({time.monotonic() - start:.0f} s)", flush=True)
+        return outcome
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        outcomes = dict(zip([m.name for m in chosen], pool.map(timed, chosen), strict=True))
     caught = sum(outcome.startswith("caught") for outcome in outcomes.values())
     print(f"\nscore: {caught} of {len(outcomes)} mutations caught by {' + '.join(args.suites)}")
     for kind in (MISSED, STALE):
