@@ -9,10 +9,10 @@ catches it.
 Each mutation is applied to a copy of the tree in a temporary folder (this checkout is never
 modified); the suites run there and stop at the first failure: the test files likeliest to catch a
 mutation of its file first (``FIRST``), then the rest, with the quick ``mutations`` hypothesis profile
-(ci's, derandomized, with a twentieth of its examples); if nothing fails, the whole suites again with
-the ci profile. A mutation that no test catches is reported as MISSED, one whose text is no longer
-in its file as STALE; the last lines give the score (caught of all) and name every survivor, and
-either makes the exit status non-zero.
+(ci's, derandomized, with a twentieth of its examples, stopping at the first failure without
+shrinking it); if nothing fails, the whole suites again with the ci profile. A mutation that no test
+catches is reported as MISSED, one whose text is no longer in its file as STALE; the last lines give
+the score (caught of all) and name every survivor, and either makes the exit status non-zero.
 """
 
 import argparse
