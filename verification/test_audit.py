@@ -8,8 +8,9 @@ Tolerance: |audit − expected| <= 1e-9·(1 + |expected mean|) for each mean and
 float64 functions of states that agree to ~1e-15 relative (test_fast_model.py); the measures are
 well conditioned on these small problems (log-determinants of I + γA with normalised or O(1) tokens,
 largest singular values, sums), so 1e-9 is a wide margin (measured worst error 1.9e-5 of it over the
-CI examples) that a wrong axis, operand or constant cannot meet. Non-zero fractions are counts: they may differ only by codes whose reference
-pre-activation lies within the float64 comparison tolerance of zero.
+CI examples) that a wrong axis, operand or constant cannot meet. Non-zero fractions are counts:
+they may differ only by codes whose reference pre-activation lies within the float64 comparison
+tolerance of zero.
 """
 
 import pytest
