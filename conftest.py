@@ -2,12 +2,13 @@
 
 dev (default): random exploration. ci (chosen when CI is set): derandomized, fixed examples, no
 deadline, sized so `pytest verification/` stays under 5 minutes on 2 cores. thorough: 10× dev's
-examples; choose any profile with HYPOTHESIS_PROFILE=<name>.
+examples. mutations: ci with a quarter of dev's examples, stopping at the first failure. Choose any
+profile with HYPOTHESIS_PROFILE=<name>.
 """
 
 import os
 
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 DEV_EXAMPLES = 100
 
@@ -16,4 +17,13 @@ settings.register_profile(
     "ci", max_examples=5 * DEV_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True
 )
 settings.register_profile("thorough", max_examples=10 * DEV_EXAMPLES, deadline=None)
+# verification/mutations.py's first try: ci's settings with a twentieth of its examples and no shrinking
+# (the first failure is the verdict; a survivor is run again with ci's)
+settings.register_profile(
+    "mutations",
+    parent=settings.get_profile("ci"),
+    max_examples=DEV_EXAMPLES // 4,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    report_multiple_bugs=False,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

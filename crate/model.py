@@ -553,14 +553,31 @@ def _resample_position_embedding(pos_embed: torch.Tensor, model: CRATE) -> torch
     grid = model.patch_embed.grid_size
     if pos_embed.shape[1] == grid[0] * grid[1] + 1:
         return pos_embed
-    from timm.layers import resample_abs_pos_embed
-
     old = math.isqrt(pos_embed.shape[1] - 1)
     if old * old != pos_embed.shape[1] - 1:
         raise ValueError(
             f"cannot resample a position embedding of {pos_embed.shape[1] - 1} patches: not a square grid"
         )
-    return resample_abs_pos_embed(pos_embed, list(grid), [old, old], num_prefix_tokens=1)
+    return resample_position_embedding(pos_embed, grid, (old, old), num_prefix_tokens=1)
+
+
+def resample_position_embedding(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int
+) -> torch.Tensor:
+    """(1, prefix + h·w, d) embedding on ``old_grid`` -> on ``new_grid`` (patches row-major), the prefix
+    tokens kept: timm's resample_abs_pos_embed (bicubic, antialiased). PyTorch's antialiased
+    F.interpolate (2.14, CPU) returns its first output row h times for an output of width 1 and height
+    h > 1 (verification/test_position_embedding.py found it); the transposed problem, width h and
+    height 1, is right, and a (1, h) grid lists its tokens in the order of the (h, 1) grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    if new_grid[1] == 1 and new_grid[0] > 1:
+        prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+        transposed = patches.unflatten(1, tuple(old_grid)).transpose(1, 2).flatten(1, 2)
+        pos_embed, new_grid, old_grid = torch.cat([prefix, transposed], 1), new_grid[::-1], old_grid[::-1]
+    return resample_abs_pos_embed(
+        pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens
+    )
 
 
 def load_official_state_dict(model: CRATE, state_dict: dict) -> None:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import checkpoint
-from .model import CRATE, convert_official_state_dict
+from .model import CRATE, convert_official_state_dict, resample_position_embedding
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -163,8 +163,6 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
 
 
 def _resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    from timm.layers import resample_abs_pos_embed
-
     prefix = getattr(model, "num_prefix_tokens", 1)
     old = math.isqrt(pos_embed.shape[1] - prefix)
     if old * old != pos_embed.shape[1] - prefix:
@@ -173,7 +171,7 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module) -> torc
             "not a square grid"
         )
     grid = model.patch_embed.grid_size
-    return resample_abs_pos_embed(pos_embed, list(grid), [old, old], num_prefix_tokens=prefix)
+    return resample_position_embedding(pos_embed, grid, (old, old), num_prefix_tokens=prefix)
 
 
 def build_model(source: Source, model_name: str | None = None, **kwargs) -> tuple[torch.nn.Module, str]:

@@ -71,11 +71,18 @@ class MSSA(nn.Module):
             nn.Identity() if identity_out else nn.Sequential(_linear(heads * head_dim, dim, bias=out_bias))
         )
 
+    def head_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> (B, K, N, p): w_k = y·U_k."""
+        return self.qkv(y).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+    def attention(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, K, N, N): softmax over the keys of s·w_k w_kᵀ, row i the weights of query token i."""
+        w = self.head_tokens(y)
+        return torch.softmax(self.scale * w @ w.transpose(-1, -2), dim=-1)
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        w = self.qkv(y).unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (B, K, N, p): w_k = y·U_k
-        attention = torch.softmax(self.scale * w @ w.transpose(-1, -2), dim=-1)  # (B, K, N, N), over keys
-        heads_out = (attention @ w).transpose(-3, -2).flatten(-2)  # (B, N, K·p): [o_1 … o_K]
-        return self.to_out(heads_out)
+        heads_out = (self.attention(y) @ self.head_tokens(y)).transpose(-3, -2).flatten(-2)  # (B, N, K·p)
+        return self.to_out(heads_out)  # [o_1 … o_K]·W_outᵀ
 
 
 class ISTA(nn.Module):
@@ -225,9 +232,9 @@ def check_state_dict(
 
 class ReleasedClassifier(nn.Module):
     """What the released CRATE and CRATE-α classifiers share: the check of the images, the embedding
-    (patches, the cls token first, the position embedding added) and the forward pass. A subclass
-    has ``patch_size``, ``channels``, ``cls_token``, ``pos_embedding``, ``transformer``, and
-    ``patches`` (images -> (B, n, d) patch tokens) and ``head`` ((B, N, d) stream -> logits)."""
+    (patches, the cls token first, the position embedding added), the pooling, the head (LayerNorm,
+    Linear) and the forward pass. A subclass has ``patch_size``, ``channels``, ``pool``, ``cls_token``,
+    ``pos_embedding``, ``transformer``, ``mlp_head`` and ``patches`` (images -> (B, n, d) patch tokens)."""
 
     def _check_images(self, images: torch.Tensor) -> None:
         require_float64("images", images)
@@ -254,6 +261,24 @@ class ReleasedClassifier(nn.Module):
 
     def forward_intermediates(self, images: torch.Tensor) -> list[LayerStates]:
         return self.transformer.forward_intermediates(self.embed(images))
+
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer ℓ, the MSSA attention (B, K, N, N) on LN₁(Z^ℓ), the layer's own normalised input."""
+        states = self.forward_intermediates(images)
+        return [
+            mssa.fn.attention(mssa.norm(state.input))
+            for (mssa, _), state in zip(self.transformer.layers, states, strict=True)
+        ]
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) stream -> (B, d): the pooled token (``pool``: "cls", the first token, or "mean" over
+        all tokens, cls included) after the head's LayerNorm."""
+        pooled = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.mlp_head[0](pooled)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) stream -> (B, classes) logits."""
+        return self.mlp_head[1](self.pre_logits(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.transformer(self.embed(images)))
@@ -319,10 +344,6 @@ class OfficialCRATE(ReleasedClassifier):
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, n, d): patchify, LayerNorm, Linear, LayerNorm."""
         return self.to_patch_embedding(images)
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
-        return self.mlp_head(pooled)
 
 
 def uniform_tensor(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -152,7 +152,8 @@ def _sizes_from_state_dict(state_dict: dict, heads: int) -> dict[str, int]:
 class OfficialCRATEAlpha(ReleasedClassifier):
     """CRATE-α classifier of the released PyTorch port in float64: Conv2d patch embedding with bias,
     cls token, position embedding, ``depth`` layers of MSSA then ODL (both with residuals),
-    LayerNorm + Linear head on the cls token."""
+    LayerNorm + Linear head on the cls token (released), or with ``pool="mean"`` on the mean of all
+    tokens, cls included: the fast model's option, defined as CRATE's."""
 
     def __init__(
         self,
@@ -168,11 +169,14 @@ class OfficialCRATEAlpha(ReleasedClassifier):
         ratio: int = 4,
         eta: float = 0.1,
         lam: float = 0.1,
+        pool: str = "cls",
     ):
         super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.patch_size, self.channels = patch_size, channels
+        self.patch_size, self.channels, self.pool = patch_size, channels, pool
         self.conv1 = nn.Conv2d(channels, dim, patch_size, stride=patch_size, bias=True, dtype=DTYPE)
         self.pos_embedding = nn.Parameter(torch.empty(1, num_patches + 1, dim, dtype=DTYPE))
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim, dtype=DTYPE))
@@ -181,13 +185,13 @@ class OfficialCRATEAlpha(ReleasedClassifier):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: dict, *, heads: int, eta: float = 0.1, lam: float = 0.1
+        cls, state_dict: dict, *, heads: int, eta: float = 0.1, lam: float = 0.1, pool: str = "cls"
     ) -> "OfficialCRATEAlpha":
         """Build from a state dict with the released key names; every size but the head count is read
         from the shapes. Floating-point tensors of any precision are widened to float64 (exactly)."""
         sizes = _sizes_from_state_dict(state_dict, heads) | dict(heads=heads)
         check_state_dict(state_dict, official_alpha_state_dict_shapes(**sizes), layout="released CRATE-α")
-        model = cls(**sizes, eta=eta, lam=lam)
+        model = cls(**sizes, eta=eta, lam=lam, pool=pool)
         model.load_state_dict({key: value.to(DTYPE) for key, value in state_dict.items()}, strict=True)
         return model
 
@@ -200,9 +204,6 @@ class OfficialCRATEAlpha(ReleasedClassifier):
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, n, d): Conv2d, patches row-major over the grid."""
         return self.conv1(images).flatten(2).transpose(1, 2)
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_head(x[:, 0])
 
 
 def random_official_alpha_state_dict(

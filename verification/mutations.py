@@ -1,13 +1,18 @@
 """Every test can fail: break the implementation on purpose, once per mutation, and see which test
 catches it.
 
-    python -m verification.mutations          # all mutations (a few minutes on 2 cores)
+    python -m verification.mutations          # all mutations (an hour or more on 2 cores)
     python -m verification.mutations -k ista  # those whose name contains "ista"
     python -m verification.mutations verification  # caught by verification/ alone?
+    python -m verification.mutations -j 2 verification tests  # two at a time, both folders
 
 Each mutation is applied to a copy of the tree in a temporary folder (this checkout is never
-modified); the suite runs there with the ci hypothesis profile and stops at the first failure. A
-mutation that no test catches is reported as MISSED and makes the exit status non-zero.
+modified); the suites run there and stop at the first failure: the test files likeliest to catch a
+mutation of its file first (``FIRST``), then the rest, with the quick ``mutations`` hypothesis profile
+(ci's, derandomized, with a twentieth of its examples, stopping at the first failure without
+shrinking it); if nothing fails, the whole suites again with the ci profile. A mutation that no test
+catches is reported as MISSED, one whose text is no longer in its file as STALE; the last lines give
+the score (caught of all) and name every survivor, and either makes the exit status non-zero.
 """
 
 import argparse
@@ -16,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +36,37 @@ class Mutation(NamedTuple):
     path: str
     old: str | tuple[str, ...]
     new: str | tuple[str, ...]
+
+
+# Test files run first for a mutation of each file: most mutations are caught there within seconds.
+# Only when they all pass do the whole suites run (without them), so the verdict is the same as one
+# run of the whole suites, and a survivor has passed every test of the suites.
+FIRST = {
+    "reference/objective.py": (
+        "test_compression.py",
+        "test_attention.py",
+        "test_ista.py",
+        "test_official.py",
+    ),
+    "reference/steps.py": ("test_compression.py", "test_ista.py", "test_odl.py"),
+    "reference/official.py": (
+        "test_official.py",
+        "test_bridge.py",
+        "test_outputs.py",
+        "test_initialisation.py",
+    ),
+    "reference/official_alpha.py": ("test_official_alpha.py", "test_odl.py", "test_outputs.py"),
+    "reference/symbolic.py": ("test_symbolic.py",),
+    "crate/model.py": (
+        "test_outputs.py",
+        "test_training_mode.py",
+        "test_initialisation.py",
+        "test_position_embedding.py",
+    ),
+    "crate/alpha.py": ("test_outputs.py", "test_training_mode.py", "test_initialisation.py"),
+    "crate/analysis.py": ("test_audit.py", "test_outputs.py"),
+    "crate/sources.py": ("test_position_embedding.py",),
+}
 
 
 MUTATIONS = [
@@ -283,6 +321,283 @@ MUTATIONS = [
         "decoder_drift=((D1 - D).norm() / D.norm()).item()",
         "decoder_drift=((D1 - D1).norm() / D.norm()).item()",
     ),
+    # what a user sees: attention maps, timm's intermediates, pooled features (reference and fast)
+    Mutation(
+        "reference: attention maps of the raw stream, not LN₁",
+        "reference/official.py",
+        "mssa.fn.attention(mssa.norm(state.input))",
+        "mssa.fn.attention(state.input)",
+    ),
+    Mutation(
+        "reference: mean pool leaves out the cls token",
+        "reference/official.py",
+        'pooled = x.mean(dim=1) if self.pool == "mean"',
+        'pooled = x[:, 1:].mean(dim=1) if self.pool == "mean"',
+    ),
+    Mutation(
+        "fast: attention map softmax over queries",
+        "crate/model.py",
+        "return ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1)",
+        "return ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-2)",
+    ),
+    Mutation(
+        "fast: attention maps of the raw stream, not LN₁",
+        "crate/model.py",
+        "attention = block.attn.attention(block.norm1(x)) if return_attention else None",
+        "attention = block.attn.attention(x) if return_attention else None",
+    ),
+    Mutation(
+        "white-box: cls maps are the patches' attention to cls",
+        "crate/analysis.py",
+        "states[0].attention[:, :, 0, 1:]",
+        "states[0].attention[:, :, 1:, 0]",
+    ),
+    Mutation(
+        "white-box: cls maps transposed on the grid",
+        "crate/analysis.py",
+        "attention.unflatten(-1, model.patch_embed.grid_size)",
+        "attention.unflatten(-1, model.patch_embed.grid_size).transpose(-2, -1)",
+    ),
+    Mutation(
+        "fast: NCHW intermediates transposed",
+        "crate/model.py",
+        "y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2)",
+        "y.reshape(y.shape[0], h, w, -1).permute(0, 3, 2, 1)",
+    ),
+    Mutation(
+        "fast: intermediates norm=True without the LayerNorm",
+        "crate/model.py",
+        "state = self.fc_norm(x) if norm else x",
+        "state = x",
+    ),
+    Mutation(
+        "fast: prefix tokens taken from the end",
+        "crate/model.py",
+        "prefix = [y[:, : self.num_prefix_tokens] for y in outputs]",
+        "prefix = [y[:, -self.num_prefix_tokens :] for y in outputs]",
+    ),
+    Mutation(
+        "fast: mean pool leaves out the cls token",
+        "crate/model.py",
+        'x = x[:, 0] if self.global_pool == "cls" else x.mean(dim=1)',
+        'x = x[:, 0] if self.global_pool == "cls" else x[:, 1:].mean(dim=1)',
+    ),
+    Mutation("fast: timm's avg pool means cls", "crate/model.py", '"avg": "mean"', '"avg": "cls"'),
+    Mutation(
+        "fast: pre-logits without the head LayerNorm",
+        "crate/model.py",
+        "x = self.head_drop(self.fc_norm(x))",
+        "x = self.head_drop(x if pre_logits else self.fc_norm(x))",
+    ),
+    Mutation(
+        "white-box: patch PCA without centring",
+        "crate/analysis.py",
+        "flat = flat - flat.mean(0)",
+        "flat = flat",
+    ),
+    Mutation(
+        "white-box: patch PCA on the last directions",
+        "crate/analysis.py",
+        "components = flat @ V[:3].T",
+        "components = flat @ V[-3:].T",
+    ),
+    # training mode: stochastic depth and dropout
+    Mutation("fast: drop-path without 1/keep", "crate/model.py", "return x * mask / keep", "return x * mask"),
+    Mutation(
+        "fast: drop-path mask per entry, not per sample",
+        "crate/model.py",
+        "mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)",
+        "mask = x.new_empty(x.shape).bernoulli_(keep)",
+    ),
+    Mutation(
+        "fast: drop-path keeps with the drop probability",
+        "crate/model.py",
+        "bernoulli_(keep)",
+        "bernoulli_(self.probability)",
+    ),
+    Mutation(
+        "fast: drop-path active in eval",
+        "crate/model.py",
+        "if not self.training:",
+        "if self.probability == 0:",
+    ),
+    Mutation(
+        "fast: drop-path schedule rate·ℓ/L",
+        "crate/model.py",
+        "config.drop_path_rate * i / max(config.depth - 1, 1)",
+        "config.drop_path_rate * i / config.depth",
+    ),
+    Mutation(
+        "fast: drop-path rate constant over depth",
+        "crate/model.py",
+        "config.drop_path_rate * i / max(config.depth - 1, 1)",
+        "config.drop_path_rate + 0 * i",
+    ),
+    Mutation(
+        "fast α: ODL branch never dropped",
+        "crate/alpha.py",
+        "return z + self.drop_path(self.odl(self.norm2(z)))",
+        "return z + self.odl(self.norm2(z))",
+    ),
+    Mutation(
+        "fast: no dropout after the position embedding",
+        "crate/model.py",
+        "return self.pos_drop(x)",
+        "return x",
+    ),
+    Mutation(
+        "fast: no dropout after W_out",
+        "crate/model.py",
+        "return self.proj_drop(self.proj(o))",
+        "return self.proj(o)",
+    ),
+    Mutation(
+        "fast: no dropout before the head",
+        "crate/model.py",
+        "x = self.head_drop(self.fc_norm(x))",
+        "x = self.fc_norm(x)",
+    ),
+    Mutation(
+        "fast: position dropout at the drop-path rate",
+        "crate/model.py",
+        "self.pos_drop = nn.Dropout(config.drop_rate)",
+        "self.pos_drop = nn.Dropout(config.drop_path_rate)",
+    ),
+    # initialisation
+    Mutation(
+        "fast: cls token std 0.02",
+        "crate/model.py",
+        "self.cls_token = nn.Parameter(torch.randn(1, 1, dim))",
+        "self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)",
+    ),
+    Mutation(
+        "fast: position embedding std 0.02",
+        "crate/model.py",
+        "torch.randn(1, self.patch_embed.num_patches + 1, dim))",
+        "torch.randn(1, self.patch_embed.num_patches + 1, dim) * 0.02)",
+    ),
+    Mutation(
+        "fast: ISTA dictionary with Linear's init",
+        "crate/model.py",
+        "nn.init.kaiming_uniform_(self.weight)",
+        "nn.init.kaiming_uniform_(self.weight, a=5**0.5)",
+    ),
+    Mutation(
+        "fast α: encoder D xavier-uniform",
+        "crate/alpha.py",
+        "nn.init.kaiming_uniform_(self.D)",
+        "nn.init.xavier_uniform_(self.D)",
+    ),
+    Mutation(
+        "fast α: decoder D₁ on its fan-out",
+        "crate/alpha.py",
+        "nn.init.kaiming_uniform_(self.D1)",
+        'nn.init.kaiming_uniform_(self.D1, mode="fan_out")',
+    ),
+    Mutation(
+        "reference: ISTA dictionary U(±√(3/d))",
+        "reference/official.py",
+        "uniform_tensor(shape, (6 / dim) ** 0.5, generator)",
+        "uniform_tensor(shape, (3 / dim) ** 0.5, generator)",
+    ),
+    # position-embedding resampling, and fine-tuning's loading
+    Mutation(
+        "fast: position embedding resampled to the transposed grid",
+        "crate/model.py",
+        "return resample_position_embedding(pos_embed, grid, (old, old), num_prefix_tokens=1)",
+        "return resample_position_embedding(pos_embed, grid[::-1], (old, old), num_prefix_tokens=1)",
+    ),
+    Mutation(
+        "resampling without antialiasing",
+        "crate/model.py",
+        "list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens",
+        "list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens, antialias=False",
+    ),
+    Mutation(
+        "resampling without the h×1 workaround",
+        "crate/model.py",
+        "if new_grid[1] == 1 and new_grid[0] > 1:",
+        "if False:",
+    ),
+    Mutation(
+        "fine-tuning: position embedding resampled to the transposed grid",
+        "crate/sources.py",
+        "resample_position_embedding(pos_embed, grid, (old, old), num_prefix_tokens=prefix)",
+        "resample_position_embedding(pos_embed, grid[::-1], (old, old), num_prefix_tokens=prefix)",
+    ),
+    Mutation(
+        "fine-tuning: the position embedding not loaded",
+        "crate/sources.py",
+        "model.load_state_dict(state, strict=False)",
+        'model.load_state_dict({k: v for k, v in state.items() if k != "pos_embed"}, strict=False)',
+    ),
+    # the audit's numbers
+    Mutation(
+        "white-box: compression change reversed",
+        "crate/analysis.py",
+        'compression_change=_stats(compression["out"] - compression["in"])',
+        'compression_change=_stats(compression["in"] - compression["out"])',
+    ),
+    Mutation(
+        "white-box: raw R^c after MSSA measured on the input",
+        "crate/analysis.py",
+        '("raw_out", y_out, False)',
+        '("raw_out", y_in, False)',
+    ),
+    Mutation(
+        "white-box: R^c of the input under LN₂",
+        "crate/analysis.py",
+        "y_in, y_out = _layer_norm64(state.input, block.norm1)",
+        "y_in, y_out = _layer_norm64(state.input, block.norm2)",
+    ),
+    Mutation(
+        "white-box: sparsity of the MSSA stream",
+        "crate/analysis.py",
+        "nonzero=_stats((state.ista != 0)",
+        "nonzero=_stats((state.mssa != 0)",
+    ),
+    Mutation(
+        "white-box: η‖D‖₂ not squared",
+        "crate/analysis.py",
+        "matrix_norm(D, ord=2).item() ** 2",
+        "matrix_norm(D, ord=2).item()",
+    ),
+    Mutation(
+        "white-box: LASSO start without |·|",
+        "crate/analysis.py",
+        "lam * u.abs().sum((-2, -1))",
+        "lam * u.sum((-2, -1))",
+    ),
+    Mutation(
+        "white-box: orthonormality gap of the best head",
+        "crate/analysis.py",
+        "@ U - eye, ord=2).max()",
+        "@ U - eye, ord=2).min()",
+    ),
+    Mutation(
+        "white-box: coherence normalised by one head",
+        "crate/analysis.py",
+        "norms[:, None] * norms[None]",
+        "norms[:, None] * norms[:, None]",
+    ),
+    Mutation(
+        "white-box: population std over the batch",
+        "crate/analysis.py",
+        "values.std().item()",
+        "values.std(unbiased=False).item()",
+    ),
+    Mutation(
+        "white-box α: η‖D‖² from the smallest eigenvalue",
+        "crate/analysis.py",
+        "torch.linalg.eigvalsh(gram)[-1]",
+        "torch.linalg.eigvalsh(gram)[0]",
+    ),
+    Mutation(
+        "white-box α: a₂ counted as a₁",
+        "crate/analysis.py",
+        "nonzero_a1=_stats((a1 != 0)",
+        "nonzero_a1=_stats((a2 != 0)",
+    ),
     Mutation(
         "symbolic logdet constant",
         "reference/symbolic.py",
@@ -316,52 +631,87 @@ MUTATIONS = [
 ]
 
 
+MISSED = "MISSED"
+STALE = "STALE"  # the text to replace is not in the file (once): the mutation needs updating
+
+
+def _mutated(mutation: Mutation, source: str) -> str | None:
+    olds, news = (
+        (mutation.old, mutation.new) if isinstance(mutation.old, tuple) else ([mutation.old], [mutation.new])
+    )
+    for old, new in zip(olds, news, strict=True):
+        if source.count(old) != 1:
+            return None
+        source = source.replace(old, new)
+    return source
+
+
+def _pytest(tree: Path, arguments: list[str], profile: str) -> str | None:
+    """The first failing test of a pytest run in ``tree`` (it stops there), None if every test passes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *arguments],
+        cwd=tree,
+        env=dict(os.environ, CI="1", HYPOTHESIS_PROFILE=profile, PYTHONPATH=str(tree)),
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode == 0:
+        return None
+    failed = [line.split(" ")[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+    lines = (result.stdout.strip() or result.stderr.strip() or "no output").splitlines()
+    return failed[0] if failed else lines[-1]
+
+
 def run(mutation: Mutation, suites: list[str]) -> str:
-    """'caught by <test>' or 'MISSED'."""
+    """'caught by <test>', MISSED or STALE. First the FIRST test files, then the rest of the suites, with
+    the quick ``mutations`` hypothesis profile; if nothing failed, the whole suites with the ci profile,
+    so that a survivor has passed what CI runs."""
     with tempfile.TemporaryDirectory() as folder:
         tree = Path(folder) / "tree"
         shutil.copytree(
             ROOT, tree, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".hypothesis")
         )
         target = tree / mutation.path
-        source = target.read_text()
-        olds, news = (
-            (mutation.old, mutation.new)
-            if isinstance(mutation.old, tuple)
-            else ([mutation.old], [mutation.new])
-        )
-        for old, new in zip(olds, news, strict=True):
-            if source.count(old) != 1:
-                raise RuntimeError(f"{mutation.name}: {old!r} must occur once in {mutation.path}")
-            source = source.replace(old, new)
+        source = _mutated(mutation, target.read_text())
+        if source is None:
+            return STALE
         target.write_text(source)
-        environment = dict(os.environ, CI="1", PYTHONPATH=str(tree))
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *suites],
-            cwd=tree,
-            env=environment,
-            capture_output=True,
-            text=True,
-        )
-    if result.returncode == 0:
-        return "MISSED"
-    failed = [line.split(" ")[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
-    return f"caught by {failed[0] if failed else result.stdout.strip().splitlines()[-1]}"
+        first = [
+            f"{suite}/{name}"
+            for suite in suites
+            for name in FIRST.get(mutation.path, ())
+            if (tree / suite / name).is_file()
+        ]
+        failed = _pytest(tree, first, "mutations") if first else None
+        if failed is None:
+            failed = _pytest(tree, [*suites, *(f"--ignore={path}" for path in first)], "mutations")
+        if failed is None:
+            failed = _pytest(tree, suites, "ci")
+    return MISSED if failed is None else f"caught by {failed}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Break the implementation on purpose; check a test fails.")
     parser.add_argument("-k", default="", help="only the mutations whose name contains this text")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="mutations run at once")
     parser.add_argument("suites", nargs="*", default=["tests", "verification"], help="test folders to run")
     args = parser.parse_args()
-    missed = 0
-    for mutation in MUTATIONS:
-        if args.k.lower() not in mutation.name.lower():
-            continue
+    chosen = [mutation for mutation in MUTATIONS if args.k.lower() in mutation.name.lower()]
+
+    def timed(mutation: Mutation) -> str:
+        start = time.monotonic()
         outcome = run(mutation, args.suites)
-        missed += outcome == "MISSED"
-        print(f"{mutation.name:50s} {outcome}", flush=True)
-    sys.exit(1 if missed else 0)
+        print(f"{mutation.name:60s} {outcome} ({time.monotonic() - start:.0f} s)", flush=True)
+        return outcome
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        outcomes = dict(zip([m.name for m in chosen], pool.map(timed, chosen), strict=True))
+    caught = sum(outcome.startswith("caught") for outcome in outcomes.values())
+    print(f"\nscore: {caught} of {len(outcomes)} mutations caught by {' + '.join(args.suites)}")
+    for kind in (MISSED, STALE):
+        names = [name for name, outcome in outcomes.items() if outcome == kind]
+        print(f"{kind.lower()} ({len(names)}): {', '.join(names) if names else 'none'}")
+    sys.exit(1 if caught < len(outcomes) else 0)
 
 
 if __name__ == "__main__":

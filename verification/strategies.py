@@ -153,9 +153,14 @@ class OfficialProblem:
     def dim(self) -> int:
         return self.heads * self.head_dim
 
-    def model(self, rho: float = 1.0) -> reference.OfficialCRATE:
+    def model(self, rho: float = 1.0, pool: str = "cls") -> reference.OfficialCRATE:
         return reference.OfficialCRATE.from_state_dict(
-            self.state_dict(), heads=self.heads, patch_size=self.patch_size, channels=self.channels, rho=rho
+            self.state_dict(),
+            heads=self.heads,
+            patch_size=self.patch_size,
+            channels=self.channels,
+            rho=rho,
+            pool=pool,
         )
 
     def _sizes(self) -> dict[str, int]:
@@ -202,8 +207,8 @@ class OfficialAlphaProblem(OfficialProblem):
 
     overcomplete: int = 4  # m / d, the released models' 4
 
-    def model(self) -> reference.OfficialCRATEAlpha:
-        return reference.OfficialCRATEAlpha.from_state_dict(self.state_dict(), heads=self.heads)
+    def model(self, pool: str = "cls") -> reference.OfficialCRATEAlpha:
+        return reference.OfficialCRATEAlpha.from_state_dict(self.state_dict(), heads=self.heads, pool=pool)
 
     def _random_state_dict(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return reference.random_official_alpha_state_dict(
