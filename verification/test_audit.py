@@ -23,17 +23,9 @@ from crate import analysis
 from verification.asserts import assert_within
 from verification.precision import ALPHA_FAMILY, CRATE_FAMILY
 from verification.strategies import official_alpha_problems, official_problems, scaled_settings
-from verification.test_outputs import fast_float64
+from verification.test_outputs import _one_thread, fast_float64  # noqa: F401 (an autouse fixture)
 
 EPS = 0.1  # the audit's coding precision, the official measurement tool's
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _stats(values: torch.Tensor) -> dict:
