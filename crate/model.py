@@ -81,7 +81,7 @@ class MSSA(nn.Module):
     ``fused_attn=False`` takes the explicit matmul-softmax path, which states the math and is the
     in-model oracle. Why: SDPA's backward must keep the precision rule of docs/math.md §8
     (verification/test_symmetric_attention.py). CUDA's flash and memory-efficient kernels keep it
-    in float16 and bfloat16, 2.7× faster than symmetric_attention on an H100 with half the memory;
+    in float16 and bfloat16, 2.5–2.7× faster than symmetric_attention on an H100, half the memory;
     in float32 the memory-efficient kernel's gradients were 6–17× less accurate than the explicit
     path's, and PyTorch's CPU SDPA backward 5–10× (peaky attention).
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
