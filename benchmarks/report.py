@@ -41,8 +41,9 @@ def throughput_table(benchmarks: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = [
-        "| size | mode | family | fast / naive (min–max) | fast / ViT (min–max) |",
-        "|---|---|---|---|---|",
+        "| size | mode | family | fast / naive (min–max) | naive FLOPs / fast FLOPs "
+        "(the speed-up at equal FLOP/s) | fast / ViT (min–max) |",
+        "|---|---|---|---|---|---|",
     ]
     for bench in benchmarks:
         info = bench["extra_info"]
@@ -65,9 +66,15 @@ def throughput_table(benchmarks: list[dict]) -> str:
         for family, over in by_family.items():
             ratios.append(
                 f"| {info['size']} | {info['mode']} | {FAMILY[family]} | "
-                f"{_range(over['naive'])} | {_range(over['vit'])} |"
+                f"{_range(over['naive'])} | {_flop_ratio(models, family)} | {_range(over['vit'])} |"
             )
     return "\n".join([*lines, "", *ratios])
+
+
+def _flop_ratio(models: list[dict], family: str) -> str:
+    """The naive formulation's FLOPs per image over the fast model's ("n/a" where one is missing)."""
+    gflops = {model["kind"]: model["gflops_per_image"] for model in models if model["family"] == family}
+    return f"{gflops['naive'] / gflops['fast']:.2f}" if {"naive", "fast"} <= gflops.keys() else "n/a"
 
 
 def forms_table(benchmarks: list[dict]) -> str:

@@ -32,7 +32,11 @@ def test_tables_from_this_versions_layout():
     benchmarks = [dict(extra_info=info), dict(extra_info=forms)]
     throughput = report.throughput_table(benchmarks)
     assert "| base | train | CRATE-α | fast | 72.3M | 2.0 (1.0–3.0) | 1.00 | 50.0% | 10 |" in throughput
-    assert "| base | train | CRATE-α | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) |" in throughput
+    assert "| base | train | CRATE-α | 2.00 (1.00–3.00) | n/a | 2.00 (1.00–3.00) |" in throughput
+    models[1]["gflops_per_image"] = 1.45  # the naive CRATE's FLOPs over the fast one's: 1.45
+    assert "| base | train | CRATE | 2.00 (1.00–3.00) | 1.45 | 2.00 (1.00–3.00) |" in report.throughput_table(
+        benchmarks
+    )
     assert "| ODL (CRATE-α-B/16: 8×197 tokens, d 768, 3072 atoms) | train | b |" in report.forms_table(
         benchmarks
     )
@@ -42,5 +46,5 @@ def test_tables_from_the_earlier_layout(capsys):
     path = Path(__file__).parent / "results" / "cpu-2026-11-26.json"
     report.main([str(path)])
     out = capsys.readouterr().out
-    assert "| base | train | CRATE | 1.31 (1.18–1.54) | 2.82 (2.23–2.96) |" in out
+    assert "| base | train | CRATE | 1.31 (1.18–1.54) | 1.37 | 2.82 (2.23–2.96) |" in out
     assert "| ISTA (CRATE-T) | inference | three matmuls (official) | 6.95 | n/a | 2.30 |" in out

@@ -1,6 +1,6 @@
 """`crate audit CHECKPOINT`: the white-box audit (crate.analysis) of a trained CRATE or CRATE-α.
 
-    crate audit runs/demo-crate_mini_patch4_28                     # a run folder (model from config.json)
+    crate audit runs/demo-crate_mini_patch7_28                     # a run folder (model from config.json)
     crate audit crate_tiny.pth --model crate_tiny_patch16_224 --data /data/imagenet/val
     crate audit crate_alpha_B16.pth --model crate_alpha_base_patch16_224 --data /data/imagenet/val
     crate audit run/checkpoint-00005616 --data fashion-mnist --images 128

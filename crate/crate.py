@@ -78,6 +78,12 @@ def crate_mini_patch4_28(pretrained: bool = False, **kwargs) -> CRATE:
     return _create_crate("crate_mini_patch4_28", pretrained, **kwargs)
 
 
+@register_model
+def crate_mini_patch7_28(pretrained: bool = False, **kwargs) -> CRATE:
+    """crate_mini_patch4_28 with 7×7 patches (16 instead of 49): the CPU demo's model, 3× faster to train."""
+    return _create_crate("crate_mini_patch7_28", pretrained, **kwargs)
+
+
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs) -> CRATEAlpha:
     if pretrained:
         kwargs = _with_hub_file(variant, kwargs)

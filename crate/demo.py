@@ -4,7 +4,7 @@ step, sparsity after each ISTA step; for CRATE-α the sparsity of the ODL codes 
 and after the block), and write the audit (crate.analysis: JSON, Markdown, the layer-wise plot and
 the attention maps) into the run folder.
 
-    python -m crate.demo                                      # crate_mini_patch4_28, the fashion-mnist preset
+    python -m crate.demo                                      # crate_mini_patch7_28, the fashion-mnist preset
     python -m crate.demo --model crate_alpha_mini_patch4_28   # the same recipe on CRATE-α of the same size
     python -m crate.demo --model vit_mini_patch4_28           # ... and on a ViT of the same size
 
@@ -18,15 +18,26 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from . import analysis
 from .audit import load_images, load_model
 from .model import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from .train import TrainConfig, resolve_config, train
+from .train import (
+    TrainConfig,
+    build_model,
+    dataset_classes,
+    make_loss,
+    open_datasets,
+    resolve_config,
+    train,
+    uses_bf16,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="crate_mini_patch4_28")
+    parser.add_argument("--model", default=TrainConfig.model)
     parser.add_argument("--output", default=None, help="run folder (default runs/demo-<model>)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the run is complete")
     args, overrides = parser.parse_known_args(argv)
@@ -38,10 +49,15 @@ def main(argv: list[str] | None = None) -> dict:
     if summary is None or args.retrain:
         if output.exists():
             shutil.rmtree(output)
+        print(_plan(config))
         start = time.perf_counter()
         result = train(config)
         summary = dict(
-            model=args.model, epochs=config.epochs, wall_s=time.perf_counter() - start, result=result
+            model=args.model,
+            epochs=config.epochs,
+            precision="bfloat16" if uses_bf16(config, torch.device("cpu")) else "float32",
+            wall_s=time.perf_counter() - start,
+            result=result,
         )
         (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     else:
@@ -65,6 +81,58 @@ def main(argv: list[str] | None = None) -> dict:
     return summary["result"]
 
 
+def _plan(config: TrainConfig) -> str:
+    """What the run will compute in, and how long it should take here."""
+    device = torch.device("cpu")
+    if uses_bf16(config, device):
+        precision = "bf16 autocast (this CPU has native bf16 instructions; --no-amp for float32)"
+    elif config.amp:
+        precision = "float32 (this CPU has no native bf16 instructions, where bf16 would be slower)"
+    else:
+        precision = "float32 (--no-amp)"
+    seconds, steps, step_s = estimate_training_seconds(config)
+    return (
+        f"Precision: {precision}\n"
+        f"Estimated training time on this machine: {seconds // 60:.0f} min {seconds % 60:.0f} s "
+        f"({steps} steps of {config.batch_size} images at {1 / step_s:.1f} steps/s, and the evaluations)"
+    )
+
+
+def estimate_training_seconds(config: TrainConfig, timed_steps: int = 5) -> tuple[float, int, float]:
+    """(seconds, optimizer steps, seconds per step) of the configured run on this CPU: a few timed
+    training steps of its model on random images, times its steps, plus its evaluations (a forward
+    pass costs about a third of a training step)."""
+    train_set, test_set = open_datasets(config)
+    train_images = min(config.train_subset or len(train_set), len(train_set))
+    test_images = min(config.eval_subset or len(test_set), len(test_set))
+    steps = config.epochs * (train_images // config.batch_size)
+    steps = min(steps, config.max_steps) if config.max_steps else steps
+    evaluations = config.epochs // config.eval_every + (config.epochs % config.eval_every > 0)
+
+    classes = dataset_classes(config, train_set)
+    model = build_model(config, classes, load_weights=False).train()
+    optimizer = torch.optim.AdamW(model.parameters())
+    _, criterion = make_loss(config, classes)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(config.batch_size, *model.pretrained_cfg["input_size"], generator=generator)
+    targets = torch.randint(0, classes, (config.batch_size,), generator=generator)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(config, torch.device("cpu"))):
+            loss = criterion(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations, kernel choice
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        step()
+    step_s = (time.perf_counter() - start) / timed_steps
+    evaluation_s = test_images / config.batch_size * step_s / 3
+    return steps * step_s + evaluations * evaluation_s, steps, step_s
+
+
 def _completed_run(output: Path, config) -> dict | None:
     try:
         saved_config = json.loads((output / "config.json").read_text())
@@ -81,7 +149,8 @@ def _report(summary: dict, output: Path) -> None:
     print(
         f"\n{summary['model']} on Fashion-MNIST ({result['eval_images']} test images): "
         f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-        f"{summary['epochs']} epochs, {summary['wall_s']:.0f} s wall time"
+        f"{summary['epochs']} epochs in {summary.get('precision', 'float32')}, "
+        f"{summary['wall_s']:.0f} s wall time"
     )
     if "whitebox" in result:
         layers = result["whitebox"]

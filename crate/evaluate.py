@@ -1,6 +1,6 @@
 """`crate eval SOURCE --data DATASET`: top-1, top-5, loss and images/s of any model on any dataset.
 
-    crate eval runs/demo-crate_mini_patch4_28 --data fashion-mnist        # a run folder
+    crate eval runs/demo-crate_mini_patch7_28 --data fashion-mnist        # a run folder
     crate eval crate_alpha_base_patch16_224 --data /data/imagenet/val     # published weights, a folder
     crate eval crate_base.pth --model crate_base_patch16_224 --data torch/cifar10 --data-root data/cifar10
     crate eval vit_small_patch16_224.augreg_in21k_ft_in1k --data /data/imagenet/val   # a peer, the same way

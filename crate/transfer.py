@@ -4,7 +4,7 @@ digits?
     python -m crate.transfer --sweep                  # source: the demo's run (make demo first)
     python -m crate.transfer --source runs/my-run --seeds 0 1 2 3 4 --steps 600
 
-Source: a trained 28×28 grayscale model (the demo's crate_mini_patch4_28 on Fashion-MNIST). Target:
+Source: a trained 28×28 grayscale model (the demo's crate_mini_patch7_28 on Fashion-MNIST). Target:
 scikit-learn's digits (1,797 real 8×8 scans, upsampled to 28×28; crate.data.Digits), a fixed held-out
 test split of 30% per class. For 10, 50 and all training labels per class and each seed, three ways
 to train, each for the same number of optimizer steps at the same batch size:
@@ -181,7 +181,7 @@ def plot(summary: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="runs/demo-crate_mini_patch4_28", help="the trained run folder")
+    parser.add_argument("--source", default="runs/demo-crate_mini_patch7_28", help="the trained run folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labels", type=int, nargs="+", default=[10, 50, 0], help="per class (0: all)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps of every run (batch 32)")

@@ -3,6 +3,9 @@ the same for CRATE-α, whose table and audit show the ODL codes."""
 
 import dataclasses
 import json
+from pathlib import Path
+
+import pytest
 
 from crate import demo
 from crate.train import resolve_config
@@ -13,11 +16,12 @@ SHORT = ["--epochs", "1", "--train-subset", "512", "--eval-subset", "256", "--te
 def test_demo_trains_reports_and_writes_the_audit(tmp_path, capsys):
     demo.main(["--output", str(tmp_path), *SHORT])
     output = capsys.readouterr().out
-    assert "crate_mini_patch4_28 on Fashion-MNIST (256 test images): top-1" in output
+    assert "crate_mini_patch7_28 on Fashion-MNIST (256 test images): top-1" in output
+    assert "Precision: " in output and "Estimated training time on this machine: " in output
     rows = [line for line in output.splitlines() if line.strip()[:1].isdigit() and "|" in line]
     assert [int(row.split("|")[0]) for row in rows] == list(range(6))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["model"] == "crate_mini_patch4_28" and 0 <= summary["result"]["top1"] <= 100
+    assert summary["model"] == "crate_mini_patch7_28" and 0 <= summary["result"]["top1"] <= 100
     for name in ("audit.json", "audit.md", "layers.png", "attention.png"):
         assert (tmp_path / "audit" / name).is_file() and str(tmp_path / "audit" / name) in output
 
@@ -52,3 +56,30 @@ def test_a_run_saved_before_new_options_counts_as_complete(tmp_path):
     assert demo._completed_run(tmp_path, config) == {"result": {}}
     changed = resolve_config(["--output", str(tmp_path), *SHORT, "--opt-betas", "0.8,0.9"])
     assert demo._completed_run(tmp_path, changed) is None
+
+
+def _cpu_has_bf16_instructions() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.parametrize("amp", ["--no-amp", "--amp"])
+def test_demo_says_and_records_its_precision(tmp_path, capsys, amp):
+    """--no-amp trains in float32 on every CPU (a CPU without bf16 instructions does so by itself);
+    --amp in bf16 exactly where the CPU has bf16 instructions."""
+    demo.main(["--output", str(tmp_path), *SHORT, amp])
+    output = capsys.readouterr().out
+    bf16 = amp == "--amp" and _cpu_has_bf16_instructions()
+    expected = "bf16 autocast" if bf16 else "float32"
+    assert f"Precision: {expected}" in output.splitlines()[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["precision"] == ("bfloat16" if bf16 else "float32")
+    assert f"1 epochs in {summary['precision']}" in output
+
+
+def test_the_estimate_counts_the_runs_steps_and_evaluations():
+    config = resolve_config([*SHORT, "--epochs", "3", "--eval-every", "2", "--batch-size", "64"])
+    seconds, steps, step_s = demo.estimate_training_seconds(config, timed_steps=1)
+    assert steps == 3 * (512 // 64)
+    evaluations, eval_batches = 2, 256 / 64  # after epochs 2 and 3 (the last)
+    assert seconds == pytest.approx(steps * step_s + evaluations * eval_batches * step_s / 3)

@@ -65,6 +65,15 @@ def test_every_variant_is_registered_with_a_default_cfg(name):
     assert len(cfg["mean"]) == cfg["input_size"][0] == len(cfg["std"])
 
 
+def test_the_demo_model_reads_out_the_mean_token():
+    model = timm.create_model("crate_mini_patch7_28").eval()
+    assert model.patch_embed.grid_size == (4, 4) and model.global_pool == "mean"
+    tokens = model.forward_features(torch.randn(2, 1, 28, 28))  # (B, 1 + 16, d)
+    assert tokens.shape == (2, 17, 128)
+    torch.testing.assert_close(model.forward_head(tokens), model.head(model.fc_norm(tokens.mean(1))))
+    assert timm.create_model("crate_mini_patch7_28", global_pool="token").global_pool == "cls"
+
+
 def test_create_model_honours_timm_arguments():
     model = timm.create_model(
         "crate_tiny_patch16_224",
