@@ -57,7 +57,8 @@ import timm.optim
 import timm.scheduler
 import torch
 import torch.distributed as dist
-from timm.data import Mixup
+from PIL import Image
+from timm.data import Mixup, auto_augment
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -460,7 +461,27 @@ def train_transform(config: TrainConfig, data_config: dict):
         transform.transforms.insert(
             _to_tensor_position(transform), _torchvision_rand_augment(torchvision_policy)
         )
+    for op in _auto_augment_ops(transform):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
     return transform
+
+
+def _auto_augment_ops(transform) -> Iterator:
+    """The operations of timm's RandAugment (``ops``) and AutoAugment (``policy``: sub-policies)."""
+    for step in transform.transforms:
+        yield from getattr(step, "ops", ())
+        for sub_policy in getattr(step, "policy", ()):
+            yield from sub_policy
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, keeping 0 bits as Pillow did before version 11 (a black image), where newer
+    Pillow raises: timm's increasing posterize asks for 0 bits at magnitude 10, which "m9-mstd0.5"
+    (the deit and alpha presets) samples for about 2% of its posterize operations: training crashed."""
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
 
 
 def eval_transform(config: TrainConfig, data_config: dict):

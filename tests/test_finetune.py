@@ -5,9 +5,11 @@ lr decay, and the transfer preset."""
 
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 import crate
@@ -191,3 +193,19 @@ def test_the_transfer_preset_is_the_official_fine_tuning_recipe():
         names.index("RandAugment") == names.index("RandomHorizontalFlip") + 1
     )  # torchvision's, after the flip
     assert json.dumps(config.__dict__)  # saved as config.json
+
+
+@pytest.mark.parametrize("preset", ["deit", "alpha-finetune"])
+def test_rand_augment_posterize_at_full_magnitude_is_black_not_an_error(preset):
+    """timm's increasing posterize keeps 4 − int(4·m/10) bits: 0 at magnitude 10, which m9-mstd0.5
+    samples in about 2% of its posterize operations. Pillow ≥ 11 raises for 0 bits; the presets'
+    transform gives the black image that earlier Pillow did, and leaves 1–4 bits to Pillow."""
+    config = resolve_config(["--preset", preset])
+    data_config = timm.data.resolve_data_config({}, model=timm.create_model("crate_tiny_patch16_224"))
+    ops = [op for step in train_transform(config, data_config).transforms for op in getattr(step, "ops", ())]
+    (posterize,) = [op for op in ops if op.name == "PosterizeIncreasing"]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    image = Image.fromarray(np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8))
+    assert not np.asarray(posterize(image)).any()
+    posterize.magnitude = 5  # 2 bits kept: Pillow's own posterize
+    assert np.array_equal(np.asarray(posterize(image)), np.asarray(ImageOps.posterize(image, 2)))
