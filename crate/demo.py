@@ -7,7 +7,7 @@ the attention maps) into the run folder.
     python -m crate.demo                                      # crate_mini_patch7_28, the fashion-mnist preset
     python -m crate.demo --no-amp                             # the same in float32 on any CPU
     python -m crate.demo --model crate_alpha_mini_patch4_28   # the recipe on CRATE-α (4×4 patches)
-    python -m crate.demo --model vit_mini_patch4_28           # ... and on a ViT of their width, depth, patches
+    python -m crate.demo --model vit_mini_patch4_28           # ... and on a ViT of their width and depth
 
 It prints first the precision it trains in and its estimated training time on this machine.
 
