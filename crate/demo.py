@@ -34,6 +34,7 @@ from .train import (
     open_datasets,
     resolve_config,
     train,
+    training_device,
     uses_bf16,
 )
 
@@ -52,13 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     if summary is None or args.retrain:
         if output.exists():
             shutil.rmtree(output)
-        print(_plan(config))
+        device = training_device()
+        print(_plan(config, device))
         start = time.perf_counter()
         result = train(config)
         summary = dict(
             model=args.model,
             epochs=config.epochs,
-            precision="bfloat16" if uses_bf16(config, torch.device("cpu")) else "float32",
+            precision="bfloat16" if uses_bf16(config, device) else "float32",
             wall_s=time.perf_counter() - start,
             result=result,
         )
@@ -84,16 +86,17 @@ def main(argv: list[str] | None = None) -> dict:
     return summary["result"]
 
 
-def _plan(config: TrainConfig) -> str:
+def _plan(config: TrainConfig, device: torch.device) -> str:
     """What the run will compute in, and how long it should take here."""
-    device = torch.device("cpu")
-    if uses_bf16(config, device):
+    if uses_bf16(config, device) and device.type == "cuda":
+        precision = "bf16 autocast on the GPU (--no-amp for float32)"
+    elif uses_bf16(config, device):
         precision = "bf16 autocast (this CPU has native bf16 instructions; --no-amp for float32)"
     elif config.amp:
         precision = "float32 (this CPU has no native bf16 instructions, where bf16 would be slower)"
     else:
         precision = "float32 (--no-amp)"
-    seconds, steps, step_s = estimate_training_seconds(config)
+    seconds, steps, step_s = estimate_training_seconds(config, device)
     return (
         f"Precision: {precision}\n"
         f"Estimated training time on this machine: {seconds // 60:.0f} min {seconds % 60:.0f} s "
@@ -101,8 +104,10 @@ def _plan(config: TrainConfig) -> str:
     )
 
 
-def estimate_training_seconds(config: TrainConfig, timed_steps: int = 5) -> tuple[float, int, float]:
-    """(seconds, optimizer steps, seconds per step) of the configured run on this CPU: a few timed
+def estimate_training_seconds(
+    config: TrainConfig, device: torch.device, timed_steps: int = 5
+) -> tuple[float, int, float]:
+    """(seconds, optimizer steps, seconds per step) of the configured run on ``device``: a few timed
     training steps of its model on random images, times its steps, plus its evaluations (a forward
     pass costs about a third of a training step)."""
     train_set, test_set = open_datasets(config)
@@ -113,27 +118,41 @@ def estimate_training_seconds(config: TrainConfig, timed_steps: int = 5) -> tupl
     evaluations = config.epochs // config.eval_every + (config.epochs % config.eval_every > 0)
 
     classes = dataset_classes(config, train_set)
-    model = build_model(config, classes, load_weights=False).train()
+    model = build_model(config, classes, load_weights=False).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters())
     _, criterion = make_loss(config, classes)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(config.batch_size, *model.pretrained_cfg["input_size"], generator=generator)
     targets = torch.randint(0, classes, (config.batch_size,), generator=generator)
+    images, targets = images.to(device), targets.to(device)
+    bf16 = uses_bf16(config, device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(config, torch.device("cpu"))):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = criterion(model(images), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocations, kernel choice
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(timed_steps):
         step()
+    _synchronize(device)
     step_s = (time.perf_counter() - start) / timed_steps
     evaluation_s = test_images / config.batch_size * step_s / 3
     return steps * step_s + evaluations * evaluation_s, steps, step_s
+
+
+def _in_precision(summary: dict) -> str:
+    """The summary's precision for the report line; nothing for a run saved before it was recorded."""
+    return f" in {summary['precision']}" if "precision" in summary else ""
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _completed_run(output: Path, config) -> dict | None:
@@ -152,8 +171,7 @@ def _report(summary: dict, output: Path) -> None:
     print(
         f"\n{summary['model']} on Fashion-MNIST ({result['eval_images']} test images): "
         f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-        f"{summary['epochs']} epochs in {summary.get('precision', 'float32')}, "
-        f"{summary['wall_s']:.0f} s wall time"
+        f"{summary['epochs']} epochs{_in_precision(summary)}, {summary['wall_s']:.0f} s wall time"
     )
     if "whitebox" in result:
         layers = result["whitebox"]

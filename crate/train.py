@@ -385,7 +385,12 @@ def setup_distributed() -> Distributed:
             torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         return Distributed(dist.get_rank(), dist.get_world_size(), device)
-    return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return Distributed(0, 1, training_device())
+
+
+def training_device() -> torch.device:
+    """The device of a single-process run: the GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- data --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from crate import demo
 from crate.train import resolve_config
@@ -66,10 +67,10 @@ def _cpu_has_bf16_instructions() -> bool:
 @pytest.mark.parametrize("amp", ["--no-amp", "--amp"])
 def test_demo_says_and_records_its_precision(tmp_path, capsys, amp):
     """--no-amp trains in float32 on every CPU (a CPU without bf16 instructions does so by itself);
-    --amp in bf16 exactly where the CPU has bf16 instructions."""
+    --amp in bf16 exactly where the CPU has bf16 instructions, or on a GPU."""
     demo.main(["--output", str(tmp_path), *SHORT, amp])
     output = capsys.readouterr().out
-    bf16 = amp == "--amp" and _cpu_has_bf16_instructions()
+    bf16 = amp == "--amp" and (torch.cuda.is_available() or _cpu_has_bf16_instructions())
     expected = "bf16 autocast" if bf16 else "float32"
     assert f"Precision: {expected}" in output.splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -79,7 +80,7 @@ def test_demo_says_and_records_its_precision(tmp_path, capsys, amp):
 
 def test_the_estimate_counts_the_runs_steps_and_evaluations():
     config = resolve_config([*SHORT, "--epochs", "3", "--eval-every", "2", "--batch-size", "64"])
-    seconds, steps, step_s = demo.estimate_training_seconds(config, timed_steps=1)
+    seconds, steps, step_s = demo.estimate_training_seconds(config, torch.device("cpu"), timed_steps=1)
     assert steps == 3 * (512 // 64)
     evaluations, eval_batches = 2, 256 / 64  # after epochs 2 and 3 (the last)
     assert seconds == pytest.approx(steps * step_s + evaluations * eval_batches * step_s / 3)
