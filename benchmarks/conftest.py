@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from crate.allocator import keep_freed_memory
+
 
 def pytest_addoption(parser):
     parser.addoption("--bench-smoke", action="store_true", help="tiny sizes, one round: check that it runs")
@@ -40,5 +42,7 @@ def bench(request) -> Bench:
     smoke = request.config.getoption("--bench-smoke")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if not gpu:
+        keep_freed_memory()  # as the trainer runs (crate/allocator.py), for every model alike
     batch = 2 if smoke else (256 if gpu else 8)
     return Bench(smoke, device, batch, 1 if smoke else request.config.getoption("--bench-rounds"), gpu)

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha
 from crate import alpha_variant_config, variant_config
+from crate.allocator import keep_freed_memory
 
 
 def build(name: str, naive: bool, device: torch.device) -> tuple[torch.nn.Module, tuple, int]:
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--naive", action="store_true", help="the released formulation (benchmarks.naive)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer runs
     model, input_size, classes = build(args.model, args.naive, device)
     step = step_function(model, input_size, classes, args.mode, args.batch, args.amp, device)
     for _ in range(2):

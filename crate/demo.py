@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import analysis
+from .allocator import keep_freed_memory
 from .audit import load_images, load_model
 from .model import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from .train import (
@@ -117,6 +118,8 @@ def estimate_training_seconds(
     steps = min(steps, config.max_steps) if config.max_steps else steps
     evaluations = config.epochs // config.eval_every + (config.epochs % config.eval_every > 0)
 
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer will
     classes = dataset_classes(config, train_set)
     model = build_model(config, classes, load_weights=False).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters())

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from crate.attention import symmetric_attention
+from crate.recompute import in_eager_autograd, norm_outputs_recomputed
 
 LAYERNORM_EPS = 1e-5  # the official model's (PyTorch's default)
 
@@ -290,6 +291,7 @@ class CRATE(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
+        self.recompute_norms = True  # training keeps the LayerNorms' inputs, not their outputs
         self.class_name = type(self).__name__  # names the model in input errors (TorchScript has no type())
 
         self.patch_embed = self.make_patch_embed(config)
@@ -343,6 +345,9 @@ class CRATE(nn.Module):
     def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
+        if self.recompute_norms and in_eager_autograd():
+            with norm_outputs_recomputed(block.norm1, block.norm2):  # crate/recompute.py
+                return block(x)
         return block(x)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import analysis, checkpoint, data, sources
+from .allocator import keep_freed_memory
 from .data import collate_skipping_none
 from .evaluate import ShardSampler, measure
 from .model import CRATE
@@ -733,6 +734,8 @@ def set_up(config: TrainConfig) -> Run:
     """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
     distributed = setup_distributed()
     device = distributed.device
+    if device.type == "cpu":
+        keep_freed_memory()  # crate/allocator.py: 5–18% faster CPU steps
     output = Path(config.output)
     resuming = _resuming(config)
     if distributed.is_main:

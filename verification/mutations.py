@@ -66,6 +66,7 @@ FIRST = {
     "crate/alpha.py": ("test_outputs.py", "test_training_mode.py", "test_initialisation.py"),
     "crate/analysis.py": ("test_audit.py", "test_outputs.py"),
     "crate/sources.py": ("test_position_embedding.py",),
+    "crate/recompute.py": ("test_recompute.py",),
 }
 
 
@@ -621,6 +622,30 @@ MUTATIONS = [
         "crate/attention.py",
         "p.transpose(-2, -1) @ do",
         "p @ do",
+    ),
+    Mutation(
+        "recomputed norm output without its view's offset",
+        "crate/recompute.py",
+        ".as_strided(*view)",
+        ".as_strided(view[0], view[1])",
+    ),
+    Mutation(
+        "recomputed norm output from the output, not the input",
+        "crate/recompute.py",
+        "outputs[output.untyped_storage().data_ptr()] = (module, args[0], output, autocast)",
+        "outputs[output.untyped_storage().data_ptr()] = (module, output, output, autocast)",
+    ),
+    Mutation(
+        "norm recomputation outside the forward's autocast",
+        "crate/recompute.py",
+        "torch.autocast(inputs.device.type, dtype, enabled)",
+        "torch.autocast(inputs.device.type, dtype, False)",
+    ),
+    Mutation(
+        "norm recipes keep the outputs alive",
+        "crate/recompute.py",
+        "outputs.clear()",
+        "outputs.copy()",
     ),
     Mutation(
         "symbolic prox branch",
