@@ -48,3 +48,13 @@ def test_tables_from_the_earlier_layout(capsys):
     out = capsys.readouterr().out
     assert "| base | train | CRATE | 1.31 (1.18–1.54) | 1.37 | 2.82 (2.23–2.96) |" in out
     assert "| ISTA (CRATE-T) | inference | three matmuls (official) | 6.95 | n/a | 2.30 |" in out
+
+
+def test_utilisation_is_against_the_runs_best_matmul_peak():
+    """A test that measured a lower peak (a slow moment) is reported against the run's best."""
+    model = dict(MODEL, family="crate", kind="fast", parameters=1)
+    early = dict(size="tiny", mode="train", models=[model], ratios=[], matmul_peak_gflops=100.0)
+    late = dict(early, size="small", matmul_peak_gflops=200.0)
+    table = report.throughput_table([dict(extra_info=early), dict(extra_info=late)])
+    assert "| tiny | train | CRATE | fast | 0.0M | 2.0 (1.0–3.0) | 1.00 | 25.0% | 10 |" in table
+    assert "| small | train | CRATE | fast | 0.0M | 2.0 (1.0–3.0) | 1.00 | 50.0% | 10 |" in table
