@@ -121,13 +121,26 @@ class MSSA(nn.Module):
         return self.proj_drop(self.proj(o))
 
 
-class ISTA(nn.Module):
-    """One non-negative ISTA step with dictionary D = weight (docs/math.md §4):
-    ReLU(u + η(uW − uWᵀW) − ηλ) = ReLU(u + u·M − ηλ), M = η(W − WᵀW).
+@torch.fx.wrap
+def ista_step(u: torch.Tensor, W: torch.Tensor, eta: float, lam: float) -> torch.Tensor:
+    """ReLU(u + η(uW − uWᵀW) − ηλ) for tokens u (..., d): ReLU(u + u·M − ηλ), M = η(W − WᵀW), one
+    token product and d³ for M, where a call has at least d tokens; below that (CRATE-B at batch 1:
+    197 tokens, d = 768) M would cost more than a second token product, so ReLU(u + (u − uWᵀ)·ηW − ηλ).
+    The residual u stays outside the products in both, which keeps bf16 accurate. torch.export
+    takes the first form at every batch (its batch is symbolic); a torch.fx leaf, so that a traced
+    model chooses when it runs, as the eager one does."""
+    exporting = False
+    if not torch.jit.is_scripting():
+        exporting = torch.compiler.is_exporting()
+    if not exporting and u.numel() < u.shape[-1] * W.shape[0]:
+        return F.relu(u + (u - u @ W.T) @ (eta * W) - eta * lam)
+    M = eta * (W - W.T @ W)  # (d, d)
+    return F.relu(u + u @ M - eta * lam)
 
-    One token matmul instead of three; M costs d³ per call, repaid whenever a call sees more than
-    about d/2 tokens. The residual u stays outside the product, which keeps bf16 accurate.
-    """
+
+class ISTA(nn.Module):
+    """One non-negative ISTA step with dictionary D = weight (docs/math.md §4), ``ista_step``: one
+    token matmul instead of the released code's three (two when a call has fewer tokens than d)."""
 
     def __init__(self, dim: int, eta: float = 0.1, lam: float = 0.1):
         super().__init__()
@@ -136,9 +149,7 @@ class ISTA(nn.Module):
         nn.init.kaiming_uniform_(self.weight)  # the official init: U(±√(6/d))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        W = self.weight
-        M = self.eta * (W - W.T @ W)  # (d, d)
-        return F.relu(u + u @ M - self.eta * self.lam)
+        return ista_step(u, self.weight, self.eta, self.lam)
 
 
 class Block(nn.Module):

@@ -624,6 +624,18 @@ MUTATIONS = [
         "p @ do",
     ),
     Mutation(
+        "ISTA's few-token form with W for Wᵀ",
+        "crate/model.py",
+        "(u - u @ W.T) @ (eta * W)",
+        "(u - u @ W) @ (eta * W)",
+    ),
+    Mutation(
+        "ISTA's few-token form without the residual",
+        "crate/model.py",
+        "F.relu(u + (u - u @ W.T) @ (eta * W) - eta * lam)",
+        "F.relu((u - u @ W.T) @ (eta * W) - eta * lam)",
+    ),
+    Mutation(
         "recomputed norm output without its view's offset",
         "crate/recompute.py",
         ".as_strided(*view)",

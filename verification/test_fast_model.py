@@ -34,12 +34,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+import reference
 from crate import convert_official_state_dict
+from crate.model import ista_step
 from verification import plain, plain_alpha
-from verification.asserts import assert_close, assert_within
+from verification.asserts import assert_close, assert_within, max_abs
 from verification.precision import (
     ALPHA_FAMILY,
     CRATE_FAMILY,
@@ -57,9 +59,11 @@ from verification.precision import (
 from verification.strategies import (
     OfficialAlphaProblem,
     OfficialProblem,
+    log_uniform,
     official_alpha_problems,
     official_problems,
     scaled_settings,
+    seeds,
 )
 
 CUDA = torch.cuda.is_available()
@@ -247,6 +251,49 @@ def test_fast_layer_follows_precision_rule_at_crate_tiny_shapes(subject, precisi
     u = PRECISIONS[precision][2]
     for name, fast, plain_result, ref in _compared(subject, result):
         _assert_rule(errors(fast, plain_result, ref, u), name)
+
+
+@given(
+    batch=st.integers(1, 2),
+    tokens=st.integers(1, 9),
+    dim=st.integers(1, 9),
+    eta=log_uniform(1e-3, 1.0),
+    lam=st.floats(0.0, 1.0),
+    seed=seeds(),
+)
+@example(batch=1, tokens=4, dim=5, eta=0.1, lam=0.1, seed=0)  # 4 tokens < d: (u − uWᵀ)·ηW
+@example(batch=1, tokens=5, dim=5, eta=0.1, lam=0.1, seed=0)  # d tokens: u·M
+def test_ista_step_equals_released_block_in_float64_with_fewer_or_more_tokens_than_width(
+    batch, tokens, dim, eta, lam, seed
+):
+    """Identity, both forms of crate.model.ista_step against the released three-product block: the form
+    turns on the call's token count (batch·tokens against d). Tolerance 1e-12(1 + max|u|)(1 + η‖W‖²)
+    bounds the rounding of either form's sums (‖W‖ ≤ 3 here)."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, tokens, dim, generator=generator, dtype=torch.float64)
+    W = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    released = reference.official.ISTA(dim, eta=eta, lam=lam).double()
+    with torch.no_grad():
+        released.weight.copy_(W)
+        expected = released(u)
+        fast = ista_step(u, W, eta, lam)
+    tolerance = 1e-12 * (1 + max_abs(u)) * (1 + eta * torch.linalg.matrix_norm(W, ord=2).item() ** 2)
+    assert_close(fast, expected, tolerance, f"ISTA with {batch * tokens} tokens, d = {dim}")
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@PEAKY
+def test_fast_layer_with_fewer_tokens_than_width_follows_precision_rule(precision, peaky):
+    """CRATE-T's layer at batch 1 (197 tokens < d = 384: ISTA's (u − uWᵀ)·ηW form), forward and the
+    gradients of every parameter and the input, as the batch-2 tests above."""
+    problem = CRATE.problem(**(CRATE_T_LAYER | dict(batch=1)), seed=0, peaky=peaky)
+    kwargs = problem_kwargs(problem, CRATE.family, True, "cpu", precision=precision)
+    (result,) = layer_results(problem.state_dict(), problem.X, **kwargs)
+    u = PRECISIONS[precision][2]
+    for name, fast, plain_result, ref in _compared(CRATE, result):
+        _assert_rule(errors(fast, plain_result, ref, u), name)
+    for name, gradient in layer_gradient_check(problem.state_dict(), problem.X, **kwargs).errors.items():
+        _assert_rule(gradient, f"gradient of {name}")
 
 
 @SUBJECTS
