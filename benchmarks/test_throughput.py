@@ -205,19 +205,23 @@ def peak(bench) -> MatmulPeak:
     return MatmulPeak(bench)
 
 
-@pytest.mark.parametrize("mode", ["inference", "train"])
+@pytest.mark.parametrize("mode", ["inference", "train", "latency"])
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_interleaved_throughput(benchmark, bench, peak, size, mode):
     """One benchmark round = one timed step of each model of the size, in rotating order: CRATE fast
-    and naive, CRATE-α fast and naive at bench.alpha_sizes (B/16 in full runs), timm's ViT."""
+    and naive, CRATE-α fast and naive at bench.alpha_sizes (B/16 in full runs), timm's ViT.
+    "latency" is inference at batch 1, a deployment's case."""
     if size not in bench.sizes:
         pytest.skip("--bench-smoke runs the tiny size only")
+    run_mode = mode
+    if mode == "latency":
+        bench, run_mode = dataclasses.replace(bench, batch=1), "inference"
     keys = run_models(size, bench)
     models = {key: build(*key, size, bench) for key in keys}
     for family, kind in keys:
         if kind == "naive":  # the same weights, the same function
             models[family, kind].load_state_dict(models[family, "fast"].state_dict())
-    steps = {key: step_function(model, mode, bench) for key, model in models.items()}
+    steps = {key: step_function(model, run_mode, bench) for key, model in models.items()}
     for step in steps.values():
         step()  # warm-up
     seconds = {key: [] for key in keys}
@@ -251,7 +255,7 @@ def test_interleaved_throughput(benchmark, bench, peak, size, mode):
     for family, kind in keys:
         model = models[family, kind]
         images_per_s = sorted(bench.batch / s for s in seconds[family, kind])
-        flops = flops_per_image(model, mode, bench)
+        flops = flops_per_image(model, run_mode, bench)
         info["models"].append(
             dict(
                 family=family,

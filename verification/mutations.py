@@ -190,20 +190,20 @@ MUTATIONS = [
     Mutation(
         "fast: ISTA Gram transposed",
         "crate/model.py",
-        "M = self.eta * (W - W.T @ W)",
-        "M = self.eta * (W - W @ W.T)",
+        "M = eta * (W - W.T @ W)",
+        "M = eta * (W - W @ W.T)",
     ),
     Mutation(
         "fast: ISTA uses D = Wᵀ",
         "crate/model.py",
-        "M = self.eta * (W - W.T @ W)",
-        "M = self.eta * (W.T - W.T @ W)",
+        "M = eta * (W - W.T @ W)",
+        "M = eta * (W.T - W.T @ W)",
     ),
     Mutation(
         "fast: ISTA threshold constant",
         "crate/model.py",
-        "u + u @ M - self.eta * self.lam",
-        "u + u @ M - self.lam",
+        "u + u @ M - eta * lam",
+        "u + u @ M - lam",
     ),
     Mutation("fast: LayerNorm eps 1e-6", "crate/model.py", "LAYERNORM_EPS = 1e-5", "LAYERNORM_EPS = 1e-6"),
     Mutation(
