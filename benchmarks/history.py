@@ -109,8 +109,8 @@ def load_runs(folders=FOLDERS) -> list[Run]:
             except (json.JSONDecodeError, KeyError) as error:
                 print(f"skipping {path}: not a benchmark run of this project ({error!r})", file=sys.stderr)
                 continue
-            if run is not None:
-                runs[run.commit, run.when] = run
+            if run is not None:  # the autosaved and the --benchmark-json copy differ in time by ms
+                runs[run.commit, run.kind, json.dumps(run.ratios, sort_keys=True)] = run
     return sorted(runs.values(), key=lambda run: run.when)
 
 
@@ -168,7 +168,8 @@ def plot(runs: list[Run], kind: str, path: Path) -> Path:
     runs = [run for run in runs if run.kind == kind]
     labels = [run.label for run in runs]
     models = sorted({name for run in runs for name in run.images_per_s})  # "size mode family"
-    colours = dict(zip(models, plt.get_cmap("tab10").colors, strict=False))
+    palette = plt.get_cmap("tab20").colors
+    colours = {model: palette[i % len(palette)] for i, model in enumerate(models)}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
     for model in models:
         top.plot(
