@@ -45,9 +45,10 @@ def norm_outputs_recomputed(*norms: nn.Module) -> Iterator[None]:
     def pack(saved: torch.Tensor):
         entry = outputs.get(saved.untyped_storage().data_ptr()) if outputs else None
         if entry is None:
-            return saved
+            return saved.detach()  # not saved itself: an output saved by its own node (ReLU's) would
+            # hold that node through its grad_fn, a cycle through C++ that Python's collector never frees
         module, inputs, _, autocast = entry  # not the output: it is what is not kept
-        return module, inputs, autocast, (saved.size(), saved.stride(), saved.storage_offset())
+        return module, inputs.detach(), autocast, (saved.size(), saved.stride(), saved.storage_offset())
 
     def unpack(packed):
         if isinstance(packed, torch.Tensor):

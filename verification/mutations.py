@@ -654,6 +654,12 @@ MUTATIONS = [
         "torch.autocast(inputs.device.type, dtype, False)",
     ),
     Mutation(
+        "recomputation packs saved tensors as themselves",
+        "crate/recompute.py",
+        "return saved.detach()",
+        "return saved",
+    ),
+    Mutation(
         "norm recipes keep the outputs alive",
         "crate/recompute.py",
         "outputs.clear()",
