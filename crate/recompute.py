@@ -43,7 +43,7 @@ def norm_outputs_recomputed(*norms: nn.Module) -> Iterator[None]:
         outputs[output.untyped_storage().data_ptr()] = (module, args[0], output, autocast)
 
     def pack(saved: torch.Tensor):
-        entry = outputs.get(saved.untyped_storage().data_ptr()) if outputs else None
+        entry = outputs.get(saved.untyped_storage().data_ptr())
         if entry is None:
             return saved.detach()  # not saved itself: an output saved by its own node (ReLU's) would
             # hold that node through its grad_fn, a cycle through C++ that Python's collector never frees

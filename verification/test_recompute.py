@@ -66,23 +66,25 @@ def test_recomputed_norms_give_the_plain_gradients_bitwise(
         assert torch.equal(actual, expected), f"{name}: max difference {(actual - expected).abs().max()}"
 
 
+def weak_outputs(modules: list[torch.nn.Module], model: CRATE) -> tuple[torch.Tensor, list]:
+    """The model's logits on random images, and weak references to what each module output."""
+    outputs = []
+    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out))) for m in modules]
+    logits = model(torch.randn(2, 3, 8, 8))
+    for handle in handles:
+        handle.remove()
+    assert len(outputs) == len(modules)
+    return logits, outputs
+
+
 def norm_outputs_alive_after_forward(model: CRATE, recompute: bool) -> int:
     """How many of the blocks' LayerNorm outputs are still alive while the loss's graph is."""
     model.recompute_norms = recompute
-    outputs = []
-
-    def remember(module, args, output):
-        outputs.append(weakref.ref(output))
-
     norms = [norm for block in model.blocks for norm in (block.norm1, block.norm2)]
-    handles = [norm.register_forward_hook(remember) for norm in norms]
-    loss = model(torch.randn(2, 3, 8, 8)).sum()
-    for handle in handles:
-        handle.remove()
+    logits, outputs = weak_outputs(norms, model)
     gc.collect()
     alive = sum(reference() is not None for reference in outputs)
-    loss.backward()
-    assert len(outputs) == len(norms)
+    logits.sum().backward()
     return alive
 
 
@@ -149,15 +151,7 @@ def test_a_forward_without_backward_frees_every_layer_output(family):
     collector never frees, and the layers' activations with them (130 MiB per CRATE-S forward here,
     until the slow test suite was killed out of memory). Every block's output must die with the logits."""
     model = build(family, dim=8, heads=2, depth=2, drop_path=0.0, seed=0).eval()
-    outputs = []
-    handles = [
-        block.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
-        for block in model.blocks
-    ]
-    logits = model(torch.randn(2, 3, 8, 8))
-    for handle in handles:
-        handle.remove()
+    logits, outputs = weak_outputs(list(model.blocks), model)
     del logits
     gc.collect()
-    assert len(outputs) == 2
     assert [reference() is None for reference in outputs] == [True, True]
