@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from crate.allocator import keep_freed_memory
+from crate.runtime import keep_freed_memory
 
 
 def pytest_addoption(parser):
@@ -43,6 +43,6 @@ def bench(request) -> Bench:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     if not gpu:
-        keep_freed_memory()  # as the trainer runs (crate/allocator.py), for every model alike
+        keep_freed_memory()  # as the trainer runs (crate/runtime.py), for every model alike
     batch = 2 if smoke else (256 if gpu else 8)
     return Bench(smoke, device, batch, 1 if smoke else request.config.getoption("--bench-rounds"), gpu)

@@ -7,7 +7,7 @@
   released einsum ODL block, a₁ = relu(η·einsum("pd,nlp->nld", D, u) − ηλ), then the second step and
   the decoder D₁ as the same einsums (docs/crate-alpha.md §1, reference/official_alpha.py).
 
-Each has the parameter names of its fast model (crate.model.CRATE, crate.alpha.CRATEAlpha), so the two
+Each has the parameter names of its fast model (crate.CRATE, crate.CRATEAlpha), so the two
 load the same weights and compute the same function (checked in benchmarks/test_throughput.py).
 """
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crate import CRATEAlphaConfig, CRATEConfig
-from crate.alpha import ConvPatchEmbed
-from crate.model import PatchEmbed
+from crate.models.alpha import ConvPatchEmbed
+from crate.models.layers import PatchEmbed
 
 ALPHA_BLOCK_LAYERNORM_EPS = 1e-6  # the released CRATE-α blocks'; its head's LayerNorm keeps 1e-5
 

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha
 from crate import alpha_variant_config, variant_config
-from crate.allocator import keep_freed_memory
+from crate.runtime import keep_freed_memory
 
 
 def build(name: str, naive: bool, device: torch.device) -> tuple[torch.nn.Module, tuple, int]:

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from crate import train
 from crate.data import ImageFolderSkippingCorrupt
+from crate.train.setup import transforms
 
 # recipe: the crate train preset whose transforms are timed (its model's data config: 224², ImageNet
 # statistics); "evaluation" is the presets' evaluation transform (resize 256, centre crop 224)
@@ -36,11 +37,9 @@ RECIPES = {
 def recipe_transform(recipe: str):
     preset, training = RECIPES[recipe]
     config = train.resolve_config(["--preset", preset, "--finetune", ""])
-    cfg = timm.get_pretrained_cfg(config.model.split(".")[0]).to_dict()
+    cfg = timm.get_pretrained_cfg(config.model).to_dict()
     data_config = timm.data.resolve_data_config({}, pretrained_cfg=cfg)
-    return (
-        train.train_transform(config, data_config) if training else train.eval_transform(config, data_config)
-    )
+    return transforms(config, data_config)[0 if training else 1]
 
 
 def generate_jpegs(folder, count: int, seed: int = 0, size=(500, 375)) -> None:

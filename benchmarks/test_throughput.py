@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import crate
-import crate.alpha
+import crate.models.alpha
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha, OvercompleteISTA
-from crate.attention import symmetric_attention
+from crate.models.attention import symmetric_attention
 from reference import proximal_gradient_steps
 from verification.test_symmetric_attention import saved_bytes
 
@@ -384,7 +384,7 @@ def test_ista_forms(benchmark, bench, mode):
     benchmark.extra_info.update(info)
 
 
-class GramODL(crate.alpha.ODL):
+class GramODL(crate.models.alpha.ODL):
     """The ODL block with its second step through the Gram matrix G = η·DᵀD (4d × 4d, built per call):
     a₁ − η(a₁Dᵀ − u)D = a₁ + η·uD − a₁G, so uD serves both steps."""
 
@@ -397,9 +397,9 @@ class GramODL(crate.alpha.ODL):
 
 def odl_forms(dim: int, device: torch.device) -> dict[str, torch.nn.Module]:
     """The ODL block in three matmul forms sharing one D and D₁ (released init), each a module with
-    codes(u) -> (a₁, a₂) and forward(u) -> a₂D₁ᵀ: the fast model's own (crate.alpha.ODL: token
+    codes(u) -> (a₁, a₂) and forward(u) -> a₂D₁ᵀ: the fast model's own (crate.models.alpha.ODL: token
     matmuls), the Gram form (GramODL), and the released einsums (benchmarks.naive.OvercompleteISTA)."""
-    token = crate.alpha.ODL(dim)
+    token = crate.models.alpha.ODL(dim)
     generator = torch.Generator().manual_seed(0)
     for weight in (token.D, token.D1):
         torch.nn.init.kaiming_uniform_(weight, generator=generator)  # the released init, reproducibly
@@ -502,7 +502,7 @@ def test_odl_forms(benchmark, bench, mode):
 def attention_forms(scale: float) -> dict[str, Form]:
     """MSSA's attention softmax(s·WWᵀ)·W under autograd: symmetric_attention (the fast model's
     training path on the CPU), the explicit matmul-softmax path (the in-model oracle), and SDPA with
-    autograd through its fused kernel (the training path on CUDA; see crate.model.MSSA)."""
+    autograd through its fused kernel (the training path on CUDA; see crate.models.layers.MSSA)."""
     return {
         "symmetric (CPU training)": lambda w: symmetric_attention(w, scale),
         "explicit (autograd)": lambda w: ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w,

@@ -1,25 +1,28 @@
 """CRATE: white-box transformers via sparse rate reduction (Yu et al., NeurIPS 2023), and CRATE-α
 (Yang et al., NeurIPS 2024).
 
-The fast models (``crate.model``: CRATE; ``crate.alpha``: CRATE-α), registered with timm on import when
-timm is installed; the float64 reference they are verified against is the sibling package ``reference``.
+The fast models (``crate.models``: CRATE and CRATE-α), registered with timm on import when timm is
+installed; the float64 reference they are verified against is the sibling package ``reference``.
 """
 
 import importlib.util
 
-from .alpha import ALPHA_VARIANTS, CRATEAlpha, CRATEAlphaConfig, alpha_variant_config
-from .model import (
+from .models import (
+    ALPHA_VARIANTS,
     CRATE,
     VARIANTS,
+    CRATEAlpha,
+    CRATEAlphaConfig,
     CRATEConfig,
     LayerStates,
+    alpha_variant_config,
     convert_official_state_dict,
     load_official_state_dict,
     variant_config,
 )
 
 if importlib.util.find_spec("timm") is not None:
-    from . import baselines, crate  # noqa: F401  (register the models with timm, modules "crate" and "baselines")
+    from .models import baselines, crate  # noqa: F401  (register the models with timm, modules "crate" and "baselines")
 
 __version__ = "0.1.0"
 __all__ = [

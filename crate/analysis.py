@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 import reference
 
-from .alpha import AlphaBlock
-from .model import CRATE
+from .models import CRATE
+from .models.alpha import AlphaBlock
 
 EPS = 0.1
 

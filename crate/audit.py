@@ -18,8 +18,9 @@ import timm
 import timm.data
 import torch
 
-from . import analysis, sources
+from . import analysis
 from .data import FashionMNIST
+from .weights import sources
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 

@@ -24,20 +24,10 @@ from pathlib import Path
 import torch
 
 from . import analysis
-from .allocator import keep_freed_memory
 from .audit import load_images, load_model
-from .model import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from .train import (
-    TrainConfig,
-    build_model,
-    dataset_classes,
-    make_loss,
-    open_datasets,
-    resolve_config,
-    train,
-    training_device,
-    uses_bf16,
-)
+from .runtime import autocast, default_device, keep_freed_memory, uses_bf16
+from .train import TrainConfig, build_model, resolve_config, train
+from .train.setup import dataset_classes, make_loss, open_datasets
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,14 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
     if summary is None or args.retrain:
         if output.exists():
             shutil.rmtree(output)
-        device = training_device()
+        device = default_device()
         print(_plan(config, device))
         start = time.perf_counter()
         result = train(config)
         summary = dict(
             model=args.model,
             epochs=config.epochs,
-            precision="bfloat16" if uses_bf16(config, device) else "float32",
+            precision="bfloat16" if uses_bf16(device, config.amp) else "float32",
             wall_s=time.perf_counter() - start,
             result=result,
         )
@@ -77,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
             images,
             output / "audit",
             title=f"{args.model}, Fashion-MNIST",
-            mean=FASHION_MNIST_MEAN,
-            std=FASHION_MNIST_STD,
+            mean=model.pretrained_cfg["mean"],
+            std=model.pretrained_cfg["std"],
         )
         print(
             "\nWhite-box audit (crate audit):\n"
@@ -89,9 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _plan(config: TrainConfig, device: torch.device) -> str:
     """What the run will compute in, and how long it should take here."""
-    if uses_bf16(config, device) and device.type == "cuda":
+    if uses_bf16(device, config.amp) and device.type == "cuda":
         precision = "bf16 autocast on the GPU (--no-amp for float32)"
-    elif uses_bf16(config, device):
+    elif uses_bf16(device, config.amp):
         precision = "bf16 autocast (this CPU has native bf16 instructions; --no-amp for float32)"
     elif config.amp:
         precision = "float32 (this CPU has no native bf16 instructions, where bf16 would be slower)"
@@ -128,10 +118,10 @@ def estimate_training_seconds(
     images = torch.randn(config.batch_size, *model.pretrained_cfg["input_size"], generator=generator)
     targets = torch.randint(0, classes, (config.batch_size,), generator=generator)
     images, targets = images.to(device), targets.to(device)
-    bf16 = uses_bf16(config, device)
+    in_precision = autocast(device, config.amp)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with in_precision():
             loss = criterion(model(images), targets)
         loss.backward()
         optimizer.step()

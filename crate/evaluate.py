@@ -5,7 +5,7 @@
     crate eval crate_base.pth --model crate_base_patch16_224 --data torch/cifar10 --data-root data/cifar10
     crate eval vit_small_patch16_224.augreg_in21k_ft_in1k --data /data/imagenet/val   # a peer, the same way
 
-SOURCE is what crate/sources.py reads: a run or checkpoint folder, a .safetensors or .pth file (this
+SOURCE is what crate/weights/sources.py reads: a run or checkpoint folder, a .safetensors or .pth file (this
 project's or a released layout; name the architecture with --model), or a timm model name with
 published weights. --data is a dataset name (fashion-mnist, digits, torch/cifar10, hfds/..., ...,
 torchvision/flowers102) or a folder of images in class sub-folders. The images go through the model's
@@ -23,26 +23,12 @@ import timm.data
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import data, sources
-from .data import collate_skipping_none
-
-
-class ShardSampler(Sampler):
-    """Rank r of w evaluates images r, r + w, r + 2w, ...: over all ranks every image exactly once.
-    (torch's DistributedSampler pads the set to a multiple of w with repeated images, which the summed
-    counts of ``measure`` would then count twice.)"""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+from . import data
+from .runtime import autocast, default_device, precision_name
+from .weights import sources
 
 
 @torch.no_grad()
@@ -106,9 +92,7 @@ def evaluate_source(
     device: str | None = None,
 ) -> dict:
     """Evaluate ``source`` on ``dataset``; the JSON-ready result."""
-    from .train import _autocast_enabled
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     model, name = sources.build_model(sources.read_source(source), model_name)
     model.to(device)
     evaluation = open_evaluation_split(dataset, data_root, split, download)
@@ -123,12 +107,9 @@ def evaluate_source(
     data.prepare(evaluation, transform, data_config["mean"], data_config["std"], data_config["input_size"][0])
     if max_images:
         evaluation = Subset(evaluation, range(min(max_images, len(evaluation))))
-    loader = DataLoader(evaluation, batch_size, num_workers=workers, collate_fn=collate_skipping_none)
-    enabled = amp and _autocast_enabled(device)
+    loader = DataLoader(evaluation, batch_size, num_workers=workers, collate_fn=data.collate_skipping_none)
     start = time.perf_counter()
-    result = measure(
-        model, loader, device, lambda: torch.autocast(device.type, torch.bfloat16, enabled=enabled), progress
-    )
+    result = measure(model, loader, device, autocast(device, amp), progress)
     return dict(
         model=name,
         source=str(source),
@@ -136,7 +117,7 @@ def evaluate_source(
         split=split,
         **result,
         wall_s=time.perf_counter() - start,
-        precision="bf16 autocast" if enabled else "float32",
+        precision=precision_name(device, amp),
         device=str(device),
         transform=str(transform).replace("\n", " "),
     )

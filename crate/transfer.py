@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import Digits
-from .sources import source_model_name
 from .train import resolve_config, train
+from .weights.sources import source_model_name
 
 # method: the training options that make it, and the learning rates tried at batch 32 by --sweep
 # (the first is the default until a sweep picks; README "Transfer" gives the one chosen)

@@ -1,4 +1,4 @@
-"""crate/allocator.py: after keep_freed_memory(), re-allocating a freed tensor takes no new pages.
+"""crate/runtime.py: after keep_freed_memory(), re-allocating a freed tensor takes no new pages.
 
 Each case runs in its own process: mallopt changes the process for good.
 """
@@ -10,7 +10,7 @@ import pytest
 
 ALLOCATE = """
 import resource, sys, torch
-from crate.allocator import keep_freed_memory
+from crate.runtime import keep_freed_memory
 if sys.argv[1] == "kept" and not keep_freed_memory():
     sys.exit(3)
 faults = []

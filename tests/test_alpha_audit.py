@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import reference
-from crate import CRATEAlpha, CRATEAlphaConfig, analysis, checkpoint
+from crate import CRATEAlpha, CRATEAlphaConfig, analysis
 from crate.audit import load_images, load_model
 from crate.audit import main as audit_main
 from crate.train import resolve_config, train
+from crate.weights import checkpoint
 
 SMALL = CRATEAlphaConfig(img_size=8, patch_size=2, in_chans=1, num_classes=3, dim=8, depth=2, heads=2)
 ALPHA_FIELDS = {

@@ -16,7 +16,7 @@ import torch
 import crate
 import reference
 from crate import CRATE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig, load_official_state_dict
-from crate.alpha import HUB_ID, IN21K_CLASSES, PRETRAINED
+from crate.models.alpha import HUB_ID, IN21K_CLASSES, PRETRAINED
 
 RELEASED_COUNTS = {  # parameters of the instantiated released port (docs/crate-alpha.md §4)
     "crate_alpha_base_patch16_224": 72_328_936,
@@ -27,7 +27,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _sizes(config: CRATEAlphaConfig, num_classes: int | None = None) -> dict:
-    height, width = crate.model._pair(config.img_size)
+    height, width = crate.models.layers.pair(config.img_size)
     return dict(
         dim=config.dim,
         depth=config.depth,
@@ -49,7 +49,7 @@ def _released_state(config: CRATEAlphaConfig = SMALL, seed: int = 0, dtype=torch
 
 
 def _images(config: CRATEAlphaConfig = SMALL, batch: int = 2) -> torch.Tensor:
-    size = crate.model._pair(config.img_size)
+    size = crate.models.layers.pair(config.img_size)
     return torch.randn(batch, config.in_chans, *size, generator=torch.Generator().manual_seed(1))
 
 
@@ -71,14 +71,14 @@ def test_every_variant_is_registered_with_a_default_cfg(name):
     assert len(cfg["mean"]) == cfg["input_size"][0] == len(cfg["std"])
     with torch.device("meta"):
         model = timm.create_model(name)
-    patch, dim, depth, heads = crate.ALPHA_VARIANTS[name][:4]
+    variant = crate.ALPHA_VARIANTS[name]
     assert (model.config.patch_size, model.config.dim, len(model.blocks), model.config.heads) == (
-        patch,
-        dim,
-        depth,
-        heads,
+        variant["patch_size"],
+        variant["dim"],
+        variant["depth"],
+        variant["heads"],
     )
-    assert model.blocks[0].odl.D.shape == (dim, 4 * dim)
+    assert model.blocks[0].odl.D.shape == (variant["dim"], 4 * variant["dim"])
 
 
 def test_published_weights_are_tagged_and_the_fine_tuned_ones_are_the_default():
@@ -248,7 +248,7 @@ def test_published_weights_load_from_the_hub_cache_offline(tmp_path):
     script = textwrap.dedent(
         f"""
         import timm, torch, crate
-        from crate.alpha import IN21K_CLASSES
+        from crate.models.alpha import IN21K_CLASSES
         for tag, file, seed, classes in [
             ("", "torch/crate_alpha_B16.pth", 0, 1000),
             (".in21k", "{in21k_name}", 1, IN21K_CLASSES),
@@ -283,6 +283,6 @@ def test_published_weights_load_from_the_hub_cache_offline(tmp_path):
     ],
 )
 def test_an_ambiguous_or_missing_hub_file_is_refused_with_the_fix(monkeypatch, listing, message):
-    monkeypatch.setattr(crate.crate, "_hub_listing", lambda: (listing, "a test listing"))
+    monkeypatch.setattr(crate.models.crate, "_hub_listing", lambda: (listing, "a test listing"))
     with pytest.raises(FileNotFoundError, match=message + r"(.|\n)*hf_hub_filename=\.\.\.(.|\n)*file=\.\.\."):
         timm.create_model("crate_alpha_large_patch14_224.in21k", pretrained=True)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import reference
-from crate import checkpoint, convert_official_state_dict
-from crate.train import PRESETS, TrainConfig, build_model, check_config, opt_betas, resolve_config, train
+from crate import convert_official_state_dict
+from crate.train import PRESETS, TrainConfig, build_model, resolve_config, train
+from crate.weights import checkpoint
 
 ALPHA = ["--model", "crate_alpha_mini_patch4_28"]
 FAST = [  # as tests/test_train.py: a fixed subset, a few seconds per run on 2 cores
@@ -154,7 +155,7 @@ def test_opt_betas_reach_the_optimizer(tmp_path):
     train(_config(tmp_path, "--max-steps", "1", "--eval-subset", "64", "--opt-betas", "0.9,0.95"))
     state = torch.load(checkpoint.latest(tmp_path) / "state.pt", weights_only=True)
     assert list(state["optimizer"]["param_groups"][0]["betas"]) == [0.9, 0.95]  # AdamW's default: 0.999
-    assert opt_betas(resolve_config([])) is None and opt_betas(resolve_config(["--opt-betas", ""])) is None
+    assert resolve_config([]).betas is None and resolve_config(["--opt-betas", ""]).betas is None
 
 
 def test_bad_options_are_explained(tmp_path, capsys):
@@ -211,10 +212,10 @@ def test_finetune_from_a_released_file_loads_offline_with_a_new_classifier(tmp_p
     assert "not loaded: head.weight" in (tmp_path / "run" / "finetune.txt").read_text()
 
 
-def test_check_config_accepts_the_defaults():
-    check_config(TrainConfig())
+def test_the_defaults_and_every_preset_are_valid_configurations():
+    assert TrainConfig().preset == "fashion-mnist"
     for preset in PRESETS:
-        check_config(resolve_config(["--preset", preset]))
+        assert resolve_config(["--preset", preset]).preset == preset
 
 
 def _fake_imagenet(root: Path, classes: int = 3, per_class: int = 4) -> Path:

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from crate import data
 from crate.data import Digits, FashionMNIST, class_count, fashion_mnist_root, open_split, prepare
+from crate.data.builtin import digits_split
+from crate.data.datasets import DEFAULT_DATA_ROOT
 
 
 # -- digits -----------------------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     counts = torch.bincount(test.targets, minlength=10)
     assert counts.min() >= 52 and counts.max() <= 55
     targets = torch.from_numpy(load_digits().target)
-    train_indices, test_indices = data._digits_split(targets, "train"), data._digits_split(targets, "test")
+    train_indices, test_indices = digits_split(targets, "train"), digits_split(targets, "test")
     assert not set(train_indices.tolist()) & set(test_indices.tolist())
     assert len(train_indices) + len(test_indices) == 1797
     assert torch.equal(Digits("test").images, test.images)  # the same split every time
@@ -91,7 +92,7 @@ def test_a_missing_dataset_says_where_it_looked_and_how_to_fix_it(tmp_path, name
 def test_named_datasets_default_to_a_folder_under_data():
     with pytest.raises(FileNotFoundError, match=r"data/torch-cifar10"):
         open_split("torch/cifar10", None, "train", training=True)
-    assert data.DEFAULT_DATA_ROOT.name == "data"
+    assert DEFAULT_DATA_ROOT.name == "data"
 
 
 def test_an_unknown_name_lists_what_is_known():

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from crate.evaluate import ShardSampler, measure
+from crate.data import ShardSampler
+from crate.evaluate import measure
 
 IMAGES = 101
 

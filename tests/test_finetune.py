@@ -1,4 +1,4 @@
-"""Fine-tuning from trained weights (crate/sources.py, `crate train --finetune SOURCE`): every source
+"""Fine-tuning from trained weights (crate/weights/sources.py, `crate train --finetune SOURCE`): every source
 kind, strict loading of everything but the classifier with a note of what was not loaded, position
 embeddings resampled, --freeze (a linear probe leaves every other tensor bit-identical), layer-wise
 lr decay, and the transfer preset."""
@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import crate
 import reference
-from crate import checkpoint, sources
-from crate.train import build_model, resolve_config, train, train_transform
+from crate.train import build_model, resolve_config, train
+from crate.train.setup import transforms
+from crate.weights import checkpoint, sources
 
 DIGITS_FAST = ["--dataset", "digits", "--batch-size", "32", "--lr-batch", "32", "--epochs", "2"]
 QUIET = ["--telemetry-batch", "0", "--log-every", "1000"]
@@ -188,7 +189,7 @@ def test_the_transfer_preset_is_the_official_fine_tuning_recipe():
         0.0,
     )
     data_config = timm.data.resolve_data_config({}, model=timm.create_model("crate_tiny_patch16_224"))
-    names = [type(step).__name__ for step in train_transform(config, data_config).transforms]
+    names = [type(step).__name__ for step in transforms(config, data_config)[0].transforms]
     assert (
         names.index("RandAugment") == names.index("RandomHorizontalFlip") + 1
     )  # torchvision's, after the flip
@@ -202,7 +203,7 @@ def test_rand_augment_posterize_at_full_magnitude_is_black_not_an_error(preset):
     transform gives the black image that earlier Pillow did, and leaves 1–4 bits to Pillow."""
     config = resolve_config(["--preset", preset])
     data_config = timm.data.resolve_data_config({}, model=timm.create_model("crate_tiny_patch16_224"))
-    ops = [op for step in train_transform(config, data_config).transforms for op in getattr(step, "ops", ())]
+    ops = [op for step in transforms(config, data_config)[0].transforms for op in getattr(step, "ops", ())]
     (posterize,) = [op for op in ops if op.name == "PosterizeIncreasing"]
     posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
     image = Image.fromarray(np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8))

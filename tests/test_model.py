@@ -36,7 +36,7 @@ def _official_state(config: CRATEConfig = SMALL, seed: int = 0, dtype=torch.floa
         head_dim=config.dim // config.heads,
         patch_size=config.patch_size,
         channels=config.in_chans,
-        num_patches=(crate.model._pair(config.img_size)[0] // config.patch_size) ** 2,
+        num_patches=(crate.models.layers.pair(config.img_size)[0] // config.patch_size) ** 2,
         num_classes=config.num_classes,
     )
     state = reference.random_official_state_dict(**sizes, generator=torch.Generator().manual_seed(seed))
@@ -44,7 +44,7 @@ def _official_state(config: CRATEConfig = SMALL, seed: int = 0, dtype=torch.floa
 
 
 def _images(config: CRATEConfig = SMALL, batch: int = 2) -> torch.Tensor:
-    size = crate.model._pair(config.img_size)
+    size = crate.models.layers.pair(config.img_size)
     return torch.randn(batch, config.in_chans, *size, generator=torch.Generator().manual_seed(1))
 
 
@@ -307,7 +307,7 @@ def test_drop_path_is_random_in_training_only(build):
 
 
 def test_fused_attention_is_used_only_without_autograd(build):
-    """SDPA in inference (fast), the explicit path under autograd (see crate.model.MSSA)."""
+    """SDPA in inference (fast), the explicit path under autograd (see crate.models.layers.MSSA)."""
     model = build().eval()
     explicit = build(fused_attn=False).eval()
     explicit.load_state_dict(model.state_dict())

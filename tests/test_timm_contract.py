@@ -22,7 +22,7 @@ from timm.models import FeatureInfo
 import crate
 
 NAMES = timm.list_models("crate_*")
-PATCH = {name: sizes[0] for name, sizes in (crate.VARIANTS | crate.ALPHA_VARIANTS).items()}
+PATCH = {name: config["patch_size"] for name, config in (crate.VARIANTS | crate.ALPHA_VARIANTS).items()}
 
 
 @pytest.fixture(params=NAMES)

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from crate import checkpoint
 from crate.data import (
     FashionMNIST,
     ImageFolderSkippingCorrupt,
@@ -33,12 +32,12 @@ from crate.data import (
 from crate.train import (
     ConfigError,
     TrainConfig,
-    build_datasets,
     build_model,
-    dataset_classes,
     resolve_config,
     train,
 )
+from crate.train.setup import dataset_classes, open_datasets, ready_datasets
+from crate.weights import checkpoint
 
 # a fixed subset and a small model keep each run to seconds on 2 cores
 FAST = [
@@ -181,12 +180,12 @@ def test_imagenet_class_count_comes_from_the_train_folders(tmp_path):
     assert dataset_classes(config) == 3
     model = build_model(config)
     assert model.num_classes == 3 and model.head.out_features == 3
-    train_set, _ = build_datasets(config, model)
+    train_set, _ = ready_datasets(config, model, *open_datasets(config))
     assert len(train_set) == 3
     (tmp_path / "val" / "c" / "0.png").unlink()
     (tmp_path / "val" / "c").rmdir()
     with pytest.raises(ValueError, match=r"must hold the same class folders.*only in train/: \['c'\]"):
-        build_datasets(config, model)
+        open_datasets(config)
 
 
 # -- configuration ----------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crate import checkpoint
 from crate.train import EXIT_PREEMPTED
+from crate.weights import checkpoint
 from tests.test_train import FAST, _run
 
 # 1024 images of global batch 64: 16 steps an epoch, so steps 3 to 9 are mid-epoch

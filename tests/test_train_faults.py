@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crate import checkpoint
 from crate.data import InMemoryImages
-from crate.train import EXIT_NONFINITE, STOP_SIGNALS, StopSignals, main, resolve_config, train
+from crate.train import EXIT_NONFINITE, main, resolve_config, train
+from crate.train.faults import STOP_SIGNALS, StopSignals
+from crate.weights import checkpoint
 from tests.test_train import FAST
 
 # 256 images of batch 64: 4 optimizer steps an epoch, each image once per epoch

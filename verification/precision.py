@@ -31,7 +31,7 @@ from crate import (
     convert_official_state_dict,
     load_official_state_dict,
 )
-from crate.model import official_layout
+from crate.models.released import official_layout
 from verification import plain, plain_alpha
 
 # the shapes of CRATE-T's layer, at which both families are measured (the tests' OfficialProblem and

@@ -1,6 +1,6 @@
 """The fast models equal their float64 references, layer by layer and whole, forward and backward, in
-every precision they support (docs/math.md §8; rows 27 and 28): crate/model.py against
-reference.OfficialCRATE (test ids ``crate``), and crate/alpha.py against reference.OfficialCRATEAlpha
+every precision they support (docs/math.md §8; rows 27 and 28): crate/models/model.py against
+reference.OfficialCRATE (test ids ``crate``), and crate/models/alpha.py against reference.OfficialCRATEAlpha
 (ids ``alpha``; docs/crate-alpha.md §3). Each property is written once for both families; the
 ``Subject`` of a family says how to draw its problems and which of its tensors are compared.
 
@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 import reference
 from crate import convert_official_state_dict
-from crate.model import ista_step
+from crate.models.model import ista_step
 from verification import plain, plain_alpha
 from verification.asserts import assert_close, assert_within, max_abs
 from verification.precision import (
@@ -266,7 +266,7 @@ def test_fast_layer_follows_precision_rule_at_crate_tiny_shapes(subject, precisi
 def test_ista_step_equals_released_block_in_float64_with_fewer_or_more_tokens_than_width(
     batch, tokens, dim, eta, lam, seed
 ):
-    """Identity, both forms of crate.model.ista_step against the released three-product block: the form
+    """Identity, both forms of crate.models.model.ista_step against the released three-product block: the form
     turns on the call's token count (batch·tokens against d). Tolerance 1e-12(1 + max|u|)(1 + η‖W‖²)
     bounds the rounding of either form's sums (‖W‖ ≤ 3 here); measured worst error 1.9e-4 of it in
     either form over 3000 draws of these ranges."""

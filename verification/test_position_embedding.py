@@ -1,6 +1,6 @@
 """Position-embedding resampling, when a checkpoint of one patch grid is loaded into a model of another
 (``convert_official_state_dict(state, model)``, hence ``load_official_state_dict`` and ``crate audit``;
-and ``crate.sources.load_for_finetuning``, hence ``crate train --finetune``), for both families.
+and ``crate.weights.sources.load_for_finetuning``, hence ``crate train --finetune``), for both families.
 
 Exact: the same grid leaves the embedding bit-identical; the cls row is never touched. A state dict
 does not record its grid: one with the model's token count is taken to be on the model's grid (a
@@ -19,7 +19,7 @@ included), k the taps per output (measured worst error 0.041 of it over the CI e
 orientation, kernel or mode is off by O(1) relative.
 
 Found by this test: PyTorch's antialiased F.interpolate returns its first output row for every row
-of an h × 1 output (h > 1); crate.model.resample_position_embedding works around it.
+of an h × 1 output (h > 1); crate.models.released.resample_position_embedding works around it.
 """
 
 import math
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import reference
 from crate import CRATE, CRATEAlpha, convert_official_state_dict
-from crate.sources import Source, load_for_finetuning
+from crate.weights.sources import Source, load_for_finetuning
 from verification.strategies import scaled_settings
 
 U32 = 2.0**-24

@@ -1,4 +1,4 @@
-"""crate/recompute.py: a training step that keeps the LayerNorms' inputs and recomputes their outputs
+"""crate/models/recompute.py: a training step that keeps the LayerNorms' inputs and recomputes their outputs
 in the backward computes exactly what the plain step computes, and keeps less.
 
 Exact (bitwise): the recomputation is the forward's operation on the same input, so every gradient is
@@ -17,7 +17,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from crate import CRATE, CRATEAlpha
-from crate.recompute import norm_outputs_recomputed
+from crate.models.recompute import norm_outputs_recomputed
 from verification.strategies import seeds
 
 PRECISIONS = ["float64", "float32", "bf16-autocast"]

@@ -1,11 +1,11 @@
-"""crate/attention.py's symmetric_attention, MSSA's training path on the CPU, and CUDA's fused SDPA
+"""crate/models/attention.py's symmetric_attention, MSSA's training path on the CPU, and CUDA's fused SDPA
 kernels, its training path on CUDA, against autograd of the explicit softmax(s·WWᵀ)·W.
 
 float64: equal to autograd forward and backward (an identity: the symmetric backward is the chain
 rule with the query and key gradients summed), and torch.autograd.gradcheck. Low precision: the
 FlashAttention rule of docs/math.md §8, forward and backward, soft and peaky attention, against the
 explicit path in the same precision. A negative control shows that the rule detects the cheaper
-correction rowsum(dO ∘ O) that crate/attention.py explains it does not use.
+correction rowsum(dO ∘ O) that crate/models/attention.py explains it does not use.
 """
 
 import math
@@ -15,7 +15,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from crate.attention import symmetric_attention
+from crate.models.attention import symmetric_attention
 from verification.asserts import assert_close, max_abs
 from verification.precision import PRECISIONS, autocast, errors
 from verification.strategies import log_uniform, seeds
@@ -103,7 +103,7 @@ def test_symmetric_attention_follows_precision_rule(precision, peaky, device):
 
 class OutputCorrection(torch.autograd.Function):
     """The symmetric backward with the softmax correction taken as rowsum(dO ∘ O): equal in exact
-    arithmetic, cheaper (a sum over p), and not used by crate/attention.py."""
+    arithmetic, cheaper (a sum over p), and not used by crate/models/attention.py."""
 
     @staticmethod
     def forward(ctx, w, scale):
@@ -175,7 +175,7 @@ def sdpa(backend: str):
 def test_cuda_sdpa_follows_precision_rule(backend, precision, peaky):
     """CUDA's fused kernels against the explicit path: forward (the fast model's inference path) and,
     in half precision, backward (its training path there). Flash attention has no float32 kernel; the
-    memory-efficient kernel's float32 backward is not used for training (crate.model.MSSA): it erred
+    memory-efficient kernel's float32 backward is not used for training (crate.models.layers.MSSA): it erred
     6.0× (soft) and 17× (peaky) the plain error (H100, torch 2.11), so it is only printed."""
     if backend == "flash" and precision == "float32":
         pytest.skip("flash attention runs in float16 and bfloat16 only")

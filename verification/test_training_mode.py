@@ -21,7 +21,7 @@ import torch
 from scipy import stats
 
 from crate import CRATE, CRATEAlpha
-from crate.model import DropPath
+from crate.models.layers import DropPath
 from verification.asserts import assert_close
 
 ALPHA = 1e-6  # the false-alarm probability of each statistical check

@@ -3,7 +3,7 @@
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .model import default_cfg
+from .crate import default_cfg
 
 default_cfgs = generate_default_cfgs({"vit_mini_patch4_28": default_cfg("crate_mini_patch4_28")})
 

@@ -3,7 +3,7 @@ Transformers for Vision", NeurIPS 2024).
 
 Exactly the released PyTorch port (UCSC-VLAA/CRATE-alpha, `torch_inference/model/crate_alpha.py`), the
 layout of the published weights; docs/crate-alpha.md states it and derives its sparse coding block.
-What changes from CRATE (crate/model.py), whose model contract this one inherits:
+What changes from CRATE (model.py), whose model contract this one inherits:
 - the sparse coding block is ODL, two non-negative ISTA steps from a zero start on the LASSO with an
   over-complete dictionary D ∈ R^{d×4d}, decoded by a second dictionary D₁, with a residual;
 - the patch embedding is a Conv2d with bias (no LayerNorms);
@@ -18,20 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import (
-    CRATE,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MSSA,
-    CRATEConfig,
-    DropPath,
-    _config_from,
-    _pair,
-)
+from .layers import MSSA, DropPath, pair
+from .model import CRATE, GRAYSCALE_28, IMAGENET_224, CRATEConfig
 
-LAYERNORM_EPS = 1e-6  # the released blocks'; the head's LayerNorm keeps PyTorch's default 1e-5
+BLOCK_NORM_EPS = 1e-6  # the released blocks' LayerNorms; the head's keeps PyTorch's default (NORM_EPS)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -84,10 +74,10 @@ class AlphaBlock(nn.Module):
 
     def __init__(self, dim, heads, head_dim, ratio, eta, lam, proj_drop=0.0, drop_path=0.0, fused_attn=True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.attn = MSSA(dim, heads, head_dim, proj_drop, fused_attn, proj_bias=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.odl = ODL(dim, ratio, eta, lam)
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +112,7 @@ class CRATEAlpha(CRATE):
 
     @staticmethod
     def make_patch_embed(config: CRATEAlphaConfig) -> nn.Module:
-        return ConvPatchEmbed(_pair(config.img_size), config.patch_size, config.in_chans, config.dim)
+        return ConvPatchEmbed(pair(config.img_size), config.patch_size, config.in_chans, config.dim)
 
     @staticmethod
     def make_block(config: CRATEAlphaConfig, drop_path: float) -> nn.Module:
@@ -140,27 +130,27 @@ class CRATEAlpha(CRATE):
         )
 
 
-# -- default cfgs ---------------------------------------------------------------------------------------
+# -- variants and published weights: their timm entries are in crate.py ------------------------------
+# sizes of the released JAX code's table
+ALPHA_VARIANTS = {
+    "crate_alpha_tiny_patch16_224": dict(patch_size=16, dim=192, depth=12, heads=3, **IMAGENET_224),
+    "crate_alpha_small_patch16_224": dict(patch_size=16, dim=576, depth=12, heads=12, **IMAGENET_224),
+    "crate_alpha_base_patch32_224": dict(patch_size=32, dim=768, depth=12, heads=12, **IMAGENET_224),
+    "crate_alpha_base_patch16_224": dict(patch_size=16, dim=768, depth=12, heads=12, **IMAGENET_224),
+    "crate_alpha_base_patch8_224": dict(patch_size=8, dim=768, depth=12, heads=12, **IMAGENET_224),
+    "crate_alpha_large_patch32_224": dict(patch_size=32, dim=1024, depth=24, heads=16, **IMAGENET_224),
+    "crate_alpha_large_patch14_224": dict(patch_size=14, dim=1024, depth=24, heads=16, **IMAGENET_224),
+    "crate_alpha_large_patch8_224": dict(patch_size=8, dim=1024, depth=24, heads=16, **IMAGENET_224),
+    "crate_alpha_huge_patch14_224": dict(patch_size=14, dim=1280, depth=32, heads=16, **IMAGENET_224),
+    "crate_alpha_mini_patch4_28": dict(patch_size=4, dim=128, depth=6, heads=4, **GRAYSCALE_28),
+}
+
 HUB_ID = "UCSC-VLAA/CRATE-alpha"  # the published weights (apache-2.0)
 IN21K_FOLDER = "torch/in21k_Pretrain/"
 IN21K_CLASSES = 19167  # the pre-training's class count (its config and the files' heads)
 
-# name: (patch, dim, depth, heads, input size, classes); sizes of the released JAX code's table
-ALPHA_VARIANTS = {
-    "crate_alpha_tiny_patch16_224": (16, 192, 12, 3, (3, 224, 224), 1000),
-    "crate_alpha_small_patch16_224": (16, 576, 12, 12, (3, 224, 224), 1000),
-    "crate_alpha_base_patch32_224": (32, 768, 12, 12, (3, 224, 224), 1000),
-    "crate_alpha_base_patch16_224": (16, 768, 12, 12, (3, 224, 224), 1000),
-    "crate_alpha_base_patch8_224": (8, 768, 12, 12, (3, 224, 224), 1000),
-    "crate_alpha_large_patch32_224": (32, 1024, 24, 16, (3, 224, 224), 1000),
-    "crate_alpha_large_patch14_224": (14, 1024, 24, 16, (3, 224, 224), 1000),
-    "crate_alpha_large_patch8_224": (8, 1024, 24, 16, (3, 224, 224), 1000),
-    "crate_alpha_huge_patch14_224": (14, 1280, 32, 16, (3, 224, 224), 1000),
-    "crate_alpha_mini_patch4_28": (4, 128, 6, 4, (1, 28, 28), 10),
-}
-
 # variant: {tag: hub file}; None: an ImageNet-21K file found by its prefix in IN21K_FOLDER (see
-# crate.crate._with_hub_file), since the folder's long file names are not fixed here
+# crate.py's _with_hub_file), since the folder's long file names are not fixed here
 PRETRAINED = {
     "crate_alpha_base_patch16_224": {"in21k_ft_in1k": "torch/crate_alpha_B16.pth", "in21k": None},
     "crate_alpha_large_patch14_224": {"in21k_ft_in1k": "torch/crate_alpha_L14.pth", "in21k": None},
@@ -172,45 +162,4 @@ PRETRAINED = {
 
 
 def alpha_variant_config(name: str, **overrides) -> CRATEAlphaConfig:
-    patch, dim, depth, heads, (channels, height, width), classes = ALPHA_VARIANTS[name]
-    base = CRATEAlphaConfig(
-        img_size=(height, width),
-        patch_size=patch,
-        in_chans=channels,
-        num_classes=classes,
-        dim=dim,
-        depth=depth,
-        heads=heads,
-    )
-    return _config_from(base, overrides, CRATEAlphaConfig)
-
-
-def alpha_default_cfgs() -> dict[str, dict]:
-    """timm default cfgs, keyed "name.tag" for the published weights and "name" for the others."""
-    cfgs = {}
-    for name, (_, _, _, _, input_size, classes) in ALPHA_VARIANTS.items():
-        base = dict(
-            num_classes=classes,
-            input_size=input_size,
-            fixed_input_size=True,
-            pool_size=None,
-            crop_pct=0.875 if input_size[-1] == 224 else 1.0,  # evaluation: resize 256, centre crop 224
-            interpolation="bilinear",
-            mean=IMAGENET_MEAN if input_size[0] == 3 else FASHION_MNIST_MEAN,
-            std=IMAGENET_STD if input_size[0] == 3 else FASHION_MNIST_STD,
-            first_conv="patch_embed.proj",
-            classifier="head",
-            license="apache-2.0",
-            paper_ids="arXiv:2405.20299",
-            paper_name="Scaling White-Box Transformers for Vision",
-        )
-        tags = PRETRAINED.get(name)
-        if not tags:
-            cfgs[name] = base
-        for tag, file in (tags or {}).items():
-            cfgs[f"{name}.{tag}"] = base | dict(
-                hf_hub_id=HUB_ID,
-                hf_hub_filename=file,
-                num_classes=IN21K_CLASSES if tag == "in21k" else classes,
-            )
-    return cfgs
+    return CRATEAlphaConfig(**ALPHA_VARIANTS[name]).with_overrides(**overrides)

@@ -14,16 +14,17 @@ loads it into a model for a new task (everything but the classifier, strictly) a
 """
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.models import split_model_name_tag
 
+from ..models import CRATE, convert_official_state_dict
+from ..models.released import fit_problems, resample_to_model
 from . import checkpoint
-from .model import CRATE, convert_official_state_dict, resample_position_embedding
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -42,7 +43,7 @@ def read_source(source: str | Path) -> Source:
     if path.exists():
         return _read_path(path)
     name = str(source)
-    if timm.is_model(name.split(".")[0]):
+    if timm.is_model(name):
         return _read_timm(name)
     raise FileNotFoundError(
         f"{source}: neither a file or folder (run folder, checkpoint folder, {', '.join(WEIGHT_SUFFIXES)}) "
@@ -59,8 +60,8 @@ def source_model_name(source: str | Path) -> str | None:
             if (folder / "config.json").is_file():
                 return json.loads((folder / "config.json").read_text())["model"]
         return None
-    if not path.exists() and timm.is_model(str(source).split(".")[0]):
-        return str(source).split(".")[0]
+    if not path.exists() and timm.is_model(str(source)):
+        return split_model_name_tag(str(source))[0]
     return None
 
 
@@ -94,10 +95,10 @@ def _read_timm(name: str) -> Source:
     if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
         raise ValueError(
             f"{name}: timm knows the model but has no published weights for it "
-            f"(timm.list_pretrained('{name.split('.')[0]}*') lists the tags that do)"
+            f"(timm.list_pretrained('{split_model_name_tag(name)[0]}*') lists the tags that do)"
         )
     model = timm.create_model(name, pretrained=True)
-    return Source(model.state_dict(), name.split(".")[0], f"timm's pretrained {name}")
+    return Source(model.state_dict(), split_model_name_tag(name)[0], f"timm's pretrained {name}")
 
 
 @dataclass
@@ -137,21 +138,12 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
         )
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         before = state["pos_embed"].shape[1]
-        state["pos_embed"] = _resample_pos_embed(state["pos_embed"], model)
+        state["pos_embed"] = resample_to_model(state["pos_embed"], model)
         report.resampled.append(
             f"pos_embed resampled from {before} to {model.pos_embed.shape[1]} positions "
             "(bicubic; the prefix tokens' kept)"
         )
-    expected = {key: value for key, value in model.state_dict().items() if not key.startswith(head)}
-    problems = [
-        f"missing key {key!r} {tuple(value.shape)}" for key, value in expected.items() if key not in state
-    ]
-    problems += [f"unexpected key {key!r}" for key in state if key not in expected]
-    problems += [
-        f"key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
-        for key, value in state.items()
-        if key in expected and value.shape != expected[key].shape
-    ]
+    problems = fit_problems(state, model, head)
     if problems:
         raise ValueError(
             f"{source.description} does not fit {type(model).__name__}: every tensor but the classifier "
@@ -160,18 +152,6 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
     model.load_state_dict(state, strict=False)
     report.loaded = len(state)
     return report
-
-
-def _resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    old = math.isqrt(pos_embed.shape[1] - prefix)
-    if old * old != pos_embed.shape[1] - prefix:
-        raise ValueError(
-            f"cannot resample a position embedding of {pos_embed.shape[1] - prefix} patches: "
-            "not a square grid"
-        )
-    grid = model.patch_embed.grid_size
-    return resample_position_embedding(pos_embed, grid, (old, old), num_prefix_tokens=prefix)
 
 
 def build_model(source: Source, model_name: str | None = None, **kwargs) -> tuple[torch.nn.Module, str]:
@@ -184,7 +164,7 @@ def build_model(source: Source, model_name: str | None = None, **kwargs) -> tupl
         )
     head = source.state.get("head.weight")
     model = timm.create_model(
-        name.split(".")[0], num_classes=int(head.shape[0]) if head is not None else 0, **kwargs
+        split_model_name_tag(name)[0], num_classes=int(head.shape[0]) if head is not None else 0, **kwargs
     )
     state = convert_official_state_dict(source.state, model) if isinstance(model, CRATE) else source.state
     try:

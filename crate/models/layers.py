@@ -1,0 +1,155 @@
+"""The layers both CRATE families share: the patch embedding of CRATE, multi-head subspace
+self-attention (MSSA), drop path, and the input check. Tokens are (B, N, d) throughout."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import symmetric_attention
+
+NORM_EPS = 1e-5  # PyTorch's default: every LayerNorm of the released CRATE, and CRATE-α's head
+
+
+def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class PatchEmbed(nn.Module):
+    """Patches flattened (row in patch, column in patch, channel), then LayerNorm → Linear → LayerNorm."""
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        patch_dim = patch_size * patch_size * in_chans
+        self.norm_in = nn.LayerNorm(patch_dim, eps=NORM_EPS)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm_out = nn.LayerNorm(dim, eps=NORM_EPS)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # sizes from the configuration (the model checked the images), so that a traced or exported
+        # graph has only the batch size free
+        B, C, P = images.shape[0], self.in_chans, self.patch_size
+        h, w = self.grid_size
+        grid = images.reshape(B, C, h, P, w, P)  # (B, C, h, p1, w, p2)
+        patches = grid.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, P * P * C)  # (B, n, p1·p2·c)
+        return self.norm_out(self.proj(self.norm_in(patches)))  # (B, n, d)
+
+
+@torch.fx.wrap
+def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+    """softmax_row(s·w_k w_kᵀ)·w_k per head: (B, K, N, p) -> (B, K, N, p), query = key = value = w.
+
+    ``fused``: F.scaled_dot_product_attention where no gradient flows or its backward is accurate,
+    else symmetric_attention; not fused, and under TorchScript and torch.export, the explicit
+    matmul-softmax path (see MSSA for why). A leaf of torch.fx traces (torch.fx.wrap), so that a
+    traced model makes this choice when it runs, as the eager one does. The autograd function stays
+    behind is_scripting (TorchScript cannot compile one) and is_exporting (an exported graph
+    differentiates plain operations only).
+    """
+    autograd = torch.is_grad_enabled() and w.requires_grad
+    if fused and (not autograd or _fused_backward_is_accurate(w)):
+        return F.scaled_dot_product_attention(w, w, w, scale=scale)
+    if fused and not torch.jit.is_scripting():
+        if not torch.compiler.is_exporting():
+            return symmetric_attention(w, scale)
+    return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w
+
+
+def _fused_backward_is_accurate(w: torch.Tensor) -> bool:
+    return w.is_cuda and (w.dtype == torch.float16 or w.dtype == torch.bfloat16)  # see MSSA
+
+
+class MSSA(nn.Module):
+    """Multi-head subspace self-attention: query = key = value = y·U_k per head (docs/math.md §5).
+
+    ``fused_attn`` uses F.scaled_dot_product_attention for inference and for training in float16 or
+    bfloat16 (autocast included) on CUDA, and ``symmetric_attention`` (crate/attention.py: one
+    backward for q = k = v, three N×N×p products instead of four) for the other training.
+    ``fused_attn=False`` takes the explicit matmul-softmax path, which states the math and is the
+    in-model oracle. Why: SDPA's backward must keep the precision rule of docs/math.md §8
+    (verification/test_symmetric_attention.py). CUDA's flash and memory-efficient kernels keep it
+    in float16 and bfloat16, 2.5–2.7× faster than symmetric_attention on an H100, half the memory;
+    in float32 the memory-efficient kernel's gradients were 6–17× less accurate than the explicit
+    path's, and PyTorch's CPU SDPA backward 5–10× (peaky attention).
+    ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
+    whole width, as officially).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        proj_drop: float = 0.0,
+        fused_attn: bool = True,
+        proj_bias: bool = True,
+    ):
+        super().__init__()
+        self.heads, self.head_dim, self.scale = heads, head_dim, head_dim**-0.5
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, heads * head_dim, bias=False)  # rows k·p..(k+1)·p−1 are U_kᵀ
+        identity = heads == 1 and head_dim == dim
+        self.proj = nn.Identity() if identity else nn.Linear(heads * head_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, N, _ = y.shape
+        return self.qkv(y).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, K, N, p)
+
+    def attention(self, y: torch.Tensor) -> torch.Tensor:
+        """softmax_row(s·w_k w_kᵀ) per head: (B, K, N, N), each row sums to 1."""
+        w = self._heads(y)
+        return ((w @ w.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        o = subspace_attention(self._heads(y), self.scale, self.fused_attn)
+        o = o.transpose(1, 2).flatten(2)  # (B, N, K·p)
+        return self.proj_drop(self.proj(o))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch (per sample), as timm's DropPath."""
+
+    def __init__(self, probability: float):
+        super().__init__()
+        self.probability = probability
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1 - self.probability
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, …)
+        return x * mask / keep
+
+
+@torch.fx.wrap
+def checked_images(
+    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str
+) -> torch.Tensor:
+    """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W).
+
+    A leaf of torch.fx traces (torch.fx.wrap) whose output the graph uses, so that a traced model
+    still checks its input when it runs; TorchScript compiles it (the type test is Python's only).
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"{model} expects floating-point images, got {type(images).__name__}; "
+                "convert with torch.as_tensor(...).float() (and normalise) first"
+            )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{model} expects floating-point images, got {images.dtype}; "
+            "convert with .float() (and normalise) first"
+        )
+    expected = (in_chans, img_size[0], img_size[1])
+    if images.dim() != 4 or (images.shape[1], images.shape[2], images.shape[3]) != expected:
+        got = ", ".join([str(size) for size in images.shape])
+        raise ValueError(
+            f"{model} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+            f"got ({got}); build the model with in_chans/img_size to match "
+            "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
+        )
+    return images

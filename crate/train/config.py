@@ -1,0 +1,137 @@
+"""The training configuration: every option of `crate train`, checked once, when it is built."""
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import timm
+import timm.optim
+
+from .presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the option and what it expects."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run's every option (`crate train --NAME`); it checks itself when built: a
+    ConfigError names the option that cannot work, alone or with the others."""
+
+    preset: str = "fashion-mnist"
+    model: str = "crate_mini_patch7_28"  # any timm model name (crate_*, crate_alpha_*: `import crate`)
+    finetune: str | None = None  # weights to start from, classifier anew (crate/weights/sources.py)
+    freeze: bool = False  # train the classifier alone (a linear probe); every other tensor stays as loaded
+    layer_decay: float = 0.0  # layer-wise lr decay through timm's parameter groups (0: off; e.g. 0.75)
+    # fashion-mnist, digits (scikit-learn's, 28×28), imagenet (a folder with train/ and val/), folder,
+    # torch/cifar10, torch/cifar100, hfds/<name>, wds/<name>, ..., torchvision/flowers102,
+    # torchvision/oxford_iiit_pet (crate.data.open_split)
+    dataset: str = "fashion-mnist"
+    data: str | None = None  # dataset folder (fashion-mnist: crate.data's default; named ones: data/<name>)
+    download: bool = False  # fetch a named dataset into --data when missing (never without this flag)
+    train_split: str = "train"
+    val_split: str = "validation"
+    labels_per_class: int = 0  # digits: k training labels per class, drawn with the seed (0: all)
+    num_classes: int = 0  # the class count, for datasets that do not declare theirs (0: the dataset's)
+    eval_crop_pct: float = 0.0  # evaluation resize/crop ratio (0: the model's, e.g. 0.875: 256 -> 224)
+    eval_crop_mode: str = "center"  # timm's crop_mode: "center", or "squash" (resize without cropping)
+    output: str = "runs/fashion-mnist"  # run folder: config.json, metrics.jsonl, checkpoints
+    epochs: int = 10
+    batch_size: int = 128  # global
+    lr: float = 2e-3  # at lr_batch; scaled linearly to batch_size
+    lr_batch: int = 128
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    opt: str = "adamw"  # timm optimizer name: adamw, lion, ...
+    opt_betas: str | None = None  # "beta1,beta2", e.g. "0.9,0.95" (None or "": the optimizer's default)
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # Mixup alpha (0: off)
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    # timm policy string, e.g. "rand-m9-mstd0.5-inc1", or "tv-rand-n2-m14" for torchvision's RandAugment
+    # (the official fine-tuning's); image datasets only
+    auto_augment: str | None = None
+    reprob: float = 0.0  # random erasing probability (image datasets only)
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter without RandAugment (timm: 0.4)
+    hflip: float = 0.5
+    random_shift: int = 0  # Fashion-MNIST: random translation by up to this many pixels
+    ema_decay: float = 0.0  # model EMA decay (0: off)
+    drop_path: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+    amp: bool = True  # bf16 autocast on GPU, and on CPUs with native bf16 (avx512_bf16 / amx_bf16)
+    compile: bool = False
+    grad_checkpointing: bool = False
+    workers: int = 0
+    seed: int = 0
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at each epoch end)
+    keep_checkpoints: int = 2
+    telemetry_batch: int = 64  # fixed evaluation images for the per-layer white-box telemetry (0: none)
+    eval_every: int = 1  # epochs between evaluations (and epoch-end checkpoints); the last step always
+    train_subset: int = 0  # use only the first n training images (0: all)
+    eval_subset: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    max_nonfinite_steps: int = 10  # skipped steps (NaN/inf loss or gradient) in a row before the run stops
+    resume: bool = False
+    log_every: int = 20
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset {self.preset!r} is unknown; choose from {sorted(PRESETS)}")
+        if not timm.is_model(self.model):
+            raise ConfigError(
+                f"--model {self.model!r} is not a timm model "
+                "(crate_*, crate_alpha_* or a name timm.list_models() gives)"
+            )
+        if self.opt.lower().split("_")[-1] not in timm.optim.list_optimizers():
+            raise ConfigError(f"--opt {self.opt!r} is not a timm optimizer (adamw, lion, sgd, ...)")
+        for name in (
+            "lr",
+            "lr_batch",
+            "batch_size",
+            "epochs",
+            "accum_steps",
+            "checkpoint_every",
+            "log_every",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_nonfinite_steps < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("--max-nonfinite-steps and --keep-checkpoints must be at least 1")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.batch_size % (world_size * self.accum_steps):
+            raise ConfigError(
+                f"--batch-size {self.batch_size} (global) must be divisible by world size × --accum-steps "
+                f"({world_size} × {self.accum_steps})"
+            )
+        self.betas  # noqa: B018  (parsed now, so that a malformed value fails here)
+        if self.freeze and not self.finetune:
+            raise ConfigError(
+                "--freeze trains only the classifier on top of trained weights: add --finetune SOURCE "
+                "(or leave out --freeze to train every parameter)"
+            )
+        if not 0 <= self.layer_decay < 1:
+            raise ConfigError(f"--layer-decay must be in [0, 1) (0: off; e.g. 0.75), got {self.layer_decay}")
+        if self.eval_every < 1:
+            raise ConfigError(
+                f"--eval-every must be >= 1 (epochs between evaluations), got {self.eval_every}"
+            )
+        if self.eval_crop_mode not in ("center", "squash", "border"):
+            raise ConfigError(
+                f"--eval-crop-mode must be center, squash or border, got {self.eval_crop_mode!r}"
+            )
+
+    @cached_property
+    def betas(self) -> tuple[float, float] | None:
+        """--opt-betas "beta1,beta2" as a tuple, None for the optimizer's default."""
+        if self.opt_betas is None or not self.opt_betas.strip():
+            return None
+        expected = 'two comma-separated numbers in [0, 1), e.g. "0.9,0.95"'
+        try:
+            betas = tuple(float(value) for value in self.opt_betas.split(","))
+        except ValueError:
+            raise ConfigError(f"--opt-betas must be {expected}, got {self.opt_betas!r}") from None
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise ConfigError(f"--opt-betas must be {expected}, got {self.opt_betas!r}")
+        return betas

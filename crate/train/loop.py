@@ -1,0 +1,250 @@
+"""The training loop: `train(config)` runs (or resumes) a run to its end, one optimizer step at a
+time, with its logs, checkpoints and evaluations.
+
+    crate train --preset fashion-mnist                                   # the CPU demo (make demo)
+    crate train --preset paper --data /data/imagenet                     # one GPU, the paper's recipe
+    torchrun --standalone --nproc_per_node=8 -m crate.train --preset paper --data /data/imagenet
+
+README "Training" lists the recipes and options, "Runs that survive a cluster" the stops and restarts.
+"""
+
+import contextlib
+import itertools
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import analysis
+from ..evaluate import measure
+from ..models import CRATE
+from ..weights import checkpoint
+from .config import TrainConfig
+from .faults import NonFiniteStepsError, PreemptedError, StopSignals, on_every_rank
+from .setup import Run, check_before_training, set_up
+
+log = logging.getLogger("crate.train")
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final evaluation metrics. Rank 0 writes everything.
+
+    Raises PreemptedError after SIGTERM or SIGUSR1 (once the current step is done on every rank and a
+    checkpoint is written) and NonFiniteStepsError after --max-nonfinite-steps skipped steps in a row."""
+    check_before_training(config)
+    run = set_up(config)
+    progress = tqdm(
+        mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
+        total=run.total_steps,
+        initial=run.step,
+        disable=not run.distributed.is_main,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    result, start_time = {}, time.perf_counter()
+    try:
+        with StopSignals() as signals:
+            while run.step < run.total_steps:
+                tick = time.perf_counter()
+                for micro_batches in epoch_steps(run):
+                    loss, applied, stop = optimizer_step(run, micro_batches, signals.received is not None)
+                    progress.update(1)
+                    if run.step % run.config.log_every == 0 or run.step == run.total_steps:
+                        _log_step(run, loss, tick, progress)
+                        tick = time.perf_counter()
+                    if not applied and run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
+                        save_checkpoint(run)
+                        raise NonFiniteStepsError(
+                            f"{run.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                            f"gradient (up to step {run.step}); the last good weights are in "
+                            f"{checkpoint.step_folder(run.output, run.step)}"
+                        )
+                    if stop and run.step < run.total_steps:
+                        save_checkpoint(run)
+                        raise PreemptedError(
+                            f"stopped at step {run.step} on a stop signal; checkpoint "
+                            f"{checkpoint.step_folder(run.output, run.step)}: rerun with --resume"
+                        )
+                    if checkpoint_due(run):
+                        save_checkpoint(run)
+                    if evaluation_due(run):
+                        result = evaluate(run, start_time)
+                        progress.write(_summary(result))
+    finally:
+        progress.close()
+        if run.metrics_file:
+            run.metrics_file.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+# -- one optimizer step with its guards --------------------------------------------------------------
+def epoch_steps(run: Run) -> Iterator[list]:
+    """The current epoch's remaining optimizer steps, each a list of --accum-steps micro-batches."""
+    epoch, batch_in_epoch = divmod(run.step, run.steps_per_epoch)
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch, batch_in_epoch)
+    elif batch_in_epoch:  # a stream cannot skip to a batch: the epoch's remaining steps see its start
+        log.warning("resumed mid-epoch on a streamed dataset: epoch %d's stream restarts", epoch)
+    getattr(run.train_set, "set_epoch", lambda e: None)(epoch)
+    run.loader.generator.manual_seed(hash((run.config.seed, epoch, run.distributed.rank)) % 2**63)
+    run.model.train()
+    micro_batches = iter(run.loader)
+    for _ in range(min(run.steps_per_epoch - batch_in_epoch, run.total_steps - run.step)):
+        step_batches = list(itertools.islice(micro_batches, run.config.accum_steps))
+        if len(step_batches) < run.config.accum_steps:  # a stream may yield fewer batches than an epoch's
+            return
+        yield step_batches
+
+
+def optimizer_step(run: Run, micro_batches: list, stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
+    """Forward and backward over one step's micro-batches, then the optimizer, schedule and EMA update,
+    unless the loss or a gradient is NaN or inf on any rank: then every rank skips the update alike.
+    Returns (mean loss, whether the update was applied, whether any rank was asked to stop)."""
+    config, device = run.config, run.distributed.device
+    loss = torch.zeros((), device=device)
+    for index, batch in enumerate(micro_batches):
+        if batch is None:  # every image of the micro-batch was unreadable
+            run.skipped_images += run.micro_batch
+            continue
+        run.skipped_images += run.micro_batch - len(batch[1])
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if run.mixup:
+            images, targets = run.mixup(images, targets)
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not dist.is_initialized() else run.train_model.no_sync()
+        with sync, run.autocast():
+            micro_loss = run.criterion(run.train_model(images), targets) / config.accum_steps
+            micro_loss.backward()
+        loss += micro_loss.detach().float()
+        run.images_seen += len(images) * run.distributed.world_size
+    gradients = [p.grad for p in run.model.parameters() if p.grad is not None]
+    if config.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(gradients)
+    finite, stop = on_every_rank(torch.isfinite(loss) & torch.isfinite(grad_norm), stop_requested)
+    if finite:
+        run.optimizer.step()
+        run.nonfinite_in_a_row = 0
+    else:
+        _report_nonfinite(run, loss)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if finite:
+        run.scheduler.step_update(run.step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=run.step)
+    return loss, finite, stop
+
+
+def _report_nonfinite(run: Run, loss: torch.Tensor) -> None:
+    run.nonfinite_steps += 1
+    run.nonfinite_in_a_row += 1
+    parameter = next(
+        (n for n, p in run.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()),
+        None,
+    )
+    log.warning(
+        "step %d: loss %s, first non-finite gradient: %s; optimizer and schedule update skipped "
+        "(%d in a row, %d in all)",
+        run.step + 1,
+        loss.item(),
+        parameter,
+        run.nonfinite_in_a_row,
+        run.nonfinite_steps,
+    )
+    _write(
+        run.metrics_file,
+        dict(
+            step=run.step + 1,
+            nonfinite_loss=loss.item(),
+            nonfinite_gradient=parameter,
+            nonfinite_steps=run.nonfinite_steps,
+        ),
+    )
+
+
+def _log_step(run: Run, loss: torch.Tensor, tick: float, progress: tqdm) -> None:
+    record = dict(
+        step=run.step,
+        epoch=run.step / run.steps_per_epoch,
+        loss=loss.item(),
+        lr=run.optimizer.param_groups[0]["lr"],
+        images_per_s=run.images_seen / (time.perf_counter() - tick),
+        nonfinite_steps=run.nonfinite_steps,
+    )
+    progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+    _write(run.metrics_file, record)
+    run.images_seen = 0
+
+
+# -- checkpoints and evaluations --------------------------------------------------------------------
+def checkpoint_due(run: Run) -> bool:
+    return run.step % run.config.checkpoint_every == 0 or _epoch_end(run) or run.step == run.total_steps
+
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 writes the model, optimizer and every rank's RNG states (gathered); all ranks wait for it."""
+    if run.saved_step == run.step:
+        return
+    states = [checkpoint.rng_state()]
+    if dist.is_initialized():
+        gathered = [None] * run.distributed.world_size if run.distributed.is_main else None
+        dist.gather_object(states[0], gathered, dst=0)
+        states = gathered
+    if run.distributed.is_main:
+        checkpoint.save(
+            run.output, run.step, run.model, run.optimizer, run.ema, run.config.keep_checkpoints, states
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    run.saved_step = run.step
+
+
+def _epoch_end(run: Run) -> bool:
+    epoch, batch_in_epoch = divmod(run.step, run.steps_per_epoch)
+    return batch_in_epoch == 0 and epoch % run.config.eval_every == 0
+
+
+def evaluation_due(run: Run) -> bool:
+    return _epoch_end(run) or run.step == run.total_steps
+
+
+def evaluate(run: Run, start_time: float) -> dict:
+    """Top-1, top-5 and loss over the whole evaluation set (each image once, over all ranks), of the EMA
+    model when there is one, and the white-box telemetry of CRATE models; written to metrics.jsonl."""
+    if run.skipped_images:
+        log.warning("%d unreadable training images skipped so far (paths logged above)", run.skipped_images)
+    evaluated = run.ema.module if run.ema is not None else run.model
+    device = run.distributed.device
+    result = dict(
+        step=run.step,
+        epoch=run.step / run.steps_per_epoch,
+        **measure(evaluated, run.test_loader, device, run.autocast),
+    )
+    result["train_time_s"] = time.perf_counter() - start_time
+    if isinstance(evaluated, CRATE) and run.telemetry_images is not None:  # CRATE and CRATE-α (a subclass)
+        result["whitebox_images"] = len(run.telemetry_images)
+        result["whitebox"] = analysis.audit(evaluated, run.telemetry_images.to(device))
+    _write(run.metrics_file, result)
+    return result
+
+
+def _summary(result: dict) -> str:
+    return (
+        f"epoch {result['epoch']:.2f}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"eval loss {result['eval_loss']:.4f}  ({result['train_time_s']:.0f} s)"
+    )
+
+
+def _write(handle, record: dict) -> None:
+    if handle is not None:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()

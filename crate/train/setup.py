@@ -1,0 +1,362 @@
+"""Everything a training run holds, built before its first step: processes, data, model, optimizer,
+schedule, loss; restored from the newest checkpoint when the run resumes."""
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import timm
+import timm.data
+import timm.optim
+import timm.scheduler
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.models import split_model_name_tag
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from .. import data
+from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed
+from ..weights import checkpoint, sources
+from .config import ConfigError, TrainConfig
+
+log = logging.getLogger("crate.train")
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: built once by ``set_up``, advanced by ``optimizer_step``."""
+
+    config: TrainConfig
+    distributed: Distributed
+    output: Path
+    model: torch.nn.Module  # the bare model: checkpoints, EMA and evaluation read it
+    train_model: torch.nn.Module  # the one the step runs: compiled and/or in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: timm.scheduler.scheduler.Scheduler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: torch.nn.Module
+    train_set: Dataset
+    sampler: data.ResumableSampler | None  # None for a streamed dataset
+    loader: DataLoader
+    test_loader: DataLoader
+    micro_batch: int  # images per rank per forward pass
+    steps_per_epoch: int
+    total_steps: int
+    autocast: Callable
+    telemetry_images: torch.Tensor | None
+    metrics_file: TextIO | None  # rank 0's
+    step: int = 0  # optimizer steps taken (skipped non-finite ones included): the data position
+    saved_step: int = -1
+    images_seen: int = 0  # since the last log record, all ranks
+    skipped_images: int = 0  # unreadable ones
+    nonfinite_steps: int = 0  # skipped for a NaN/inf loss or gradient, in this process
+    nonfinite_in_a_row: int = 0
+
+
+def set_up(config: TrainConfig) -> Run:
+    """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
+    distributed = setup_distributed()
+    device = distributed.device
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for each step's activations
+    output = Path(config.output)
+    resuming = is_resuming(config)
+    if distributed.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    seed_everything(config.seed)  # the same initial model (and EMA) on every rank
+
+    train_set, test_set = open_datasets(config)
+    model = build_model(config, dataset_classes(config, train_set), load_weights=not resuming)
+    if distributed.is_main and model.finetune_report is not None:
+        (output / "finetune.txt").write_text(f"{model.finetune_report}\n")
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    train_set, test_set = ready_datasets(config, model, train_set, test_set)
+    micro_batch = config.batch_size // (distributed.world_size * config.accum_steps)
+    sampler, loader, test_loader = make_loaders(config, distributed, train_set, test_set, micro_batch)
+    streamed = sampler is None  # wds/, hfids/, tfds/ shard and shuffle themselves per rank and worker
+    steps_per_epoch = (len(train_set) if streamed else len(sampler)) // (micro_batch * config.accum_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
+    optimizer, scheduler = make_optimizer(config, model, steps_per_epoch)
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
+    mixup, criterion = make_loss(config, model.num_classes)
+
+    seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
+    step = checkpoint.restore(output, model, optimizer, ema, device, distributed.rank) if resuming else 0
+    train_model = torch.compile(model) if config.compile else model
+    if dist.is_initialized():
+        train_model = DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    return Run(
+        config=config,
+        distributed=distributed,
+        output=output,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        mixup=mixup,
+        criterion=criterion,
+        train_set=train_set,
+        sampler=sampler,
+        loader=loader,
+        test_loader=test_loader,
+        micro_batch=micro_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        autocast=autocast(device, config.amp),
+        telemetry_images=first_images(test_set, config.telemetry_batch),
+        metrics_file=(output / "metrics.jsonl").open("a") if distributed.is_main else None,
+        step=step,
+        saved_step=step if resuming else -1,
+    )
+
+
+def check_before_training(config: TrainConfig) -> None:
+    """What would fail later, checked before any work (the options checked themselves): the data, and
+    an output folder holding another run's configuration."""
+    check_data(config)
+    saved = Path(config.output) / "config.json"
+    if saved.exists() and not is_resuming(config):
+        differing = _differing_fields(json.loads(saved.read_text()), dataclasses.asdict(config))
+        if differing:
+            raise ConfigError(
+                f"--output {config.output} holds another run (its config.json differs in "
+                f"{', '.join(differing)}): "
+                "pass --resume to continue it, or choose another --output"
+            )
+
+
+def _differing_fields(saved: dict, current: dict) -> list[str]:
+    keys = (saved.keys() | current.keys()) - {"resume"}
+    return sorted(key for key in keys if saved.get(key) != current.get(key))
+
+
+def check_data(config: TrainConfig) -> None:
+    """The dataset is where --data says (or --download may fetch it): ConfigError naming --data."""
+    if config.dataset == "fashion-mnist":
+        try:
+            data.fashion_mnist_root(config.data)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--data: {error}") from error
+    elif config.dataset == "imagenet":
+        for split in ("train", "val"):
+            folder = Path(config.data or "") / split
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"--data: ImageNet not found: {folder} is not a folder. Pass --data with a folder "
+                    "holding train/ and val/ in torchvision's ImageFolder layout (one sub-folder per class)"
+                )
+
+
+def is_resuming(config: TrainConfig) -> bool:
+    """--resume, or a torchrun restart (--max-restarts) of a run that has written a checkpoint."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return config.resume or (restarted and (Path(config.output) / checkpoint.LATEST).is_file())
+
+
+def open_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The training and evaluation splits, not yet prepared for a model (``prepare_datasets``)."""
+    common = dict(download=config.download, seed=config.seed)
+    train = data.open_split(
+        config.dataset,
+        config.data,
+        config.train_split,
+        training=True,
+        labels_per_class=config.labels_per_class,
+        **common,
+    )
+    test = data.open_split(config.dataset, config.data, config.val_split, training=False, **common)
+    train_classes, test_classes = getattr(train, "classes", None), getattr(test, "classes", None)
+    if config.dataset == "imagenet" and train_classes != test_classes:
+        root = Path(config.data)
+        raise ValueError(
+            f"{root / 'val'} and {root / 'train'} must hold the same class folders (the labels are their "
+            f"sorted order); only in train/: {_few(set(train_classes) - set(test_classes))}, "
+            f"only in val/: {_few(set(test_classes) - set(train_classes))}"
+        )
+    return train, test
+
+
+def _few(names: set[str]) -> str:
+    names = sorted(names)
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
+def dataset_classes(config: TrainConfig, train: Dataset | None = None) -> int:
+    """The task's class count: --num-classes when given, else what the training split declares."""
+    if config.num_classes:
+        return config.num_classes
+    count = data.class_count(train if train is not None else open_datasets(config)[0])
+    if count is None:
+        raise ValueError(f"{config.dataset} does not declare its classes: pass --num-classes")
+    return count
+
+
+def ready_datasets(
+    config: TrainConfig, model: torch.nn.Module, train: Dataset, test: Dataset
+) -> tuple[Dataset, Dataset]:
+    """Both splits as the run reads them: the built-in images normalised with the model's mean and
+    std; image datasets with the model's training transform (timm's: random-resized crop, flip, the
+    --auto-augment policy, random erasing), each sample's augmentation seeded, and its evaluation
+    transform (resize and centre crop by the model's crop_pct, or --eval-crop-*); cut to
+    --train-subset and --eval-subset."""
+    data_config = timm.data.resolve_data_config({}, model=model)
+    channels = data_config["input_size"][0]
+    if isinstance(train, data.InMemoryImages):
+        train.augment, train.hflip, train.shift, train.seed = (
+            True,
+            config.hflip,
+            config.random_shift,
+            config.seed,
+        )
+    training, evaluation = transforms(config, data_config)
+    data.prepare(train, training, data_config["mean"], data_config["std"], channels)
+    data.prepare(test, evaluation, data_config["mean"], data_config["std"], channels)
+    if not isinstance(train, (data.InMemoryImages, torch.utils.data.IterableDataset)):
+        train = data.SeededSamples(train, config.seed)  # augmentation exact after a resume
+    if config.train_subset:
+        train = data.first(train, config.train_subset)
+    if config.eval_subset:
+        test = data.first(test, config.eval_subset)
+    return train, test
+
+
+def transforms(config: TrainConfig, data_config: dict) -> tuple:
+    """The run's training and evaluation transforms for a model's timm data config."""
+    training = data.train_transform(
+        data_config, config.auto_augment, config.color_jitter, config.reprob, config.hflip
+    )
+    return training, data.eval_transform(data_config, config.eval_crop_pct, config.eval_crop_mode)
+
+
+def build_model(
+    config: TrainConfig, num_classes: int | None = None, load_weights: bool = True
+) -> torch.nn.Module:
+    """timm.create_model(config.model) with the task's class count and the drop-path rate; with
+    --finetune (and ``load_weights``: a resumed run restores every weight itself) the source's weights,
+    all but the classifier (crate/weights/sources.py), and with --freeze every parameter but the classifier's
+    frozen. The note on what was loaded is logged and kept as ``model.finetune_report``."""
+    num_classes = num_classes if num_classes is not None else dataset_classes(config)
+    model = timm.create_model(
+        split_model_name_tag(config.model)[0], drop_path_rate=config.drop_path, num_classes=num_classes
+    )
+    model.finetune_report = None
+    if config.finetune and load_weights:
+        model.finetune_report = sources.load_for_finetuning(model, sources.read_source(config.finetune))
+        log.info("%s", model.finetune_report)
+    if config.freeze:
+        head = sources.classifier_prefix(model) + "."
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(head))
+    return model
+
+
+def make_loaders(
+    config: TrainConfig, distributed: Distributed, train_set: Dataset, test_set: Dataset, micro_batch: int
+) -> tuple[data.ResumableSampler | None, DataLoader, DataLoader]:
+    """The training loader (a resumable sampler unless the dataset streams) and the evaluation loader,
+    which gives each rank a disjoint share of the evaluation set. Each has its own generator, so
+    starting one (it draws its workers' base seed) leaves the global RNG streams alone."""
+    streamed = isinstance(train_set, torch.utils.data.IterableDataset)
+    sampler = (
+        None
+        if streamed
+        else data.ResumableSampler(
+            train_set, distributed.rank, distributed.world_size, config.seed, micro_batch * config.accum_steps
+        )
+    )
+    loader = DataLoader(
+        train_set,
+        micro_batch,
+        sampler=sampler,
+        num_workers=config.workers,
+        collate_fn=data.collate_skipping_none,
+        drop_last=True,
+        persistent_workers=False,
+        generator=torch.Generator(),
+    )
+    test_loader = DataLoader(
+        test_set,
+        256,
+        sampler=None
+        if isinstance(test_set, torch.utils.data.IterableDataset)
+        else data.ShardSampler(len(test_set), distributed.rank, distributed.world_size),
+        num_workers=config.workers,
+        collate_fn=data.collate_skipping_none,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return sampler, loader, test_loader
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int):
+    """timm's optimizer (lr scaled linearly to the global batch) and its cosine schedule by step."""
+    lr = config.lr * config.batch_size / config.lr_batch
+    betas = config.betas
+    optimizer = timm.optim.create_optimizer_v2(
+        model,
+        config.opt,
+        lr=lr,
+        weight_decay=config.weight_decay,
+        layer_decay=config.layer_decay or None,
+        **({"betas": betas} if betas else {}),
+    )
+    if betas is not None and "betas" not in optimizer.param_groups[0]:  # timm drops unknown arguments
+        raise ValueError(
+            f"--opt-betas {config.opt_betas}: optimizer {config.opt!r} ({type(optimizer).__name__}) takes no "
+            "betas; leave out --opt-betas or choose an optimizer with betas (adamw, adam, lion, ...)"
+        )
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer,
+        "cosine",
+        num_epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        min_lr=config.min_lr,
+        warmup_lr=lr * 1e-3,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def make_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
+    """Mixup/CutMix (None when both are off) and the loss: soft-target cross-entropy after Mixup, else
+    cross-entropy with label smoothing."""
+    if not (config.mixup or config.cutmix):
+        return None, torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    mixup = Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
+    return mixup, SoftTargetCrossEntropy()
+
+
+def first_images(dataset: Dataset, count: int) -> torch.Tensor | None:
+    """The first ``count`` images of a dataset (of a stream: the first it yields), stacked; None for 0."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = itertools.islice(iter(dataset), count)
+    else:
+        items = (dataset[index] for index in range(min(count, len(dataset))))
+    images = [item[0] for item in items if item is not None]
+    return torch.stack(images) if images else None
