@@ -526,6 +526,164 @@ TARGETS = (
             ),
         ),
     ),
+    # the data: built-in datasets, their augmentation, the training order and the evaluation shards
+    Target(
+        "crate/data/builtin.py",
+        first=("test_datasets.py", "test_train.py"),
+        mutations=(
+            Mutation(
+                "data: IDX truncation check only catches extra bytes",
+                "if len(data) != expected:",
+                "if len(data) > expected:",
+            ),
+            Mutation("data: IDX sizes read little-endian", '8 + 4 * i], "big")', '8 + 4 * i], "little")'),
+            Mutation(
+                "data: flip probability inverted",
+                "torch.rand((), generator=generator) < self.hflip",
+                "torch.rand((), generator=generator) >= self.hflip",
+            ),
+            Mutation(
+                "data: augmentation seed ignores the epoch",
+                "hash((self.seed, self.epoch, index)) % 2**63",
+                "hash((self.seed, index)) % 2**63",
+            ),
+            Mutation(
+                "data: digits test split inside the train split",
+                'members[:test_count] if split == "test" else members[test_count:]',
+                'members[:test_count] if split == "test" else members',
+            ),
+        ),
+    ),
+    Target(
+        "crate/data/samplers.py",
+        first=("test_distributed_evaluation.py", "test_train.py"),
+        mutations=(
+            Mutation(
+                "data: resumed epoch skips start_batch samples, not batches",
+                "indices[self.start_batch * self.batch_per_rank : usable]",
+                "indices[self.start_batch : usable]",
+            ),
+            Mutation(
+                "data: every epoch the same permutation",
+                "self.inner.set_epoch(epoch)",
+                "self.inner.set_epoch(0)",
+            ),
+            Mutation(
+                "data: resumable sampler keeps the ragged last batch",
+                "usable = len(indices) // self.batch_per_rank * self.batch_per_rank",
+                "usable = len(indices)",
+            ),
+            Mutation(
+                "data: shard sampler without its stride", "range(rank, size, world_size)", "range(rank, size)"
+            ),
+            Mutation(
+                "data: seeded samples leave torch's RNG reseeded",
+                "torch.set_rng_state(saved[2])",
+                "torch.get_rng_state()",
+            ),
+            Mutation(
+                "data: seeded samples ignore the epoch",
+                "hash((self.seed, self.epoch, index)) % 2**32",
+                "hash((self.seed, index)) % 2**32",
+            ),
+        ),
+    ),
+    # checkpoints, the training loop, its set-up, configuration and faults
+    Target(
+        "crate/weights/checkpoint.py",
+        first=("test_train_faults.py", "test_train.py"),
+        mutations=(
+            Mutation("checkpoint: digest not checked", "if actual != digest:", "if actual is None:"),
+            Mutation(
+                "checkpoint: latest written before the rename",
+                (
+                    "    temporary.mkdir(parents=True)\n    try:",
+                    '    _sync(output)\n    _replace_file(output / LATEST, folder.name + "\\n")\n',
+                ),
+                (
+                    "    temporary.mkdir(parents=True)\n"
+                    '    _replace_file(output / LATEST, folder.name + "\\n")\n'
+                    "    try:",
+                    "    _sync(output)\n",
+                ),
+            ),
+            Mutation("checkpoint: keeps one checkpoint too few", "[:-keep]", "[: -keep + 1]"),
+        ),
+    ),
+    Target(
+        "crate/train/loop.py",
+        first=("test_train_faults.py", "test_train.py"),
+        mutations=(
+            Mutation(
+                "training: a non-finite step still steps the optimizer",
+                "    if finite:\n        run.optimizer.step()\n",
+                "    run.optimizer.step()\n    if finite:\n",
+            ),
+            Mutation(
+                "training: accumulated loss not divided by accum_steps",
+                "run.criterion(run.train_model(images), targets) / config.accum_steps",
+                "run.criterion(run.train_model(images), targets)",
+            ),
+        ),
+    ),
+    Target(
+        "crate/train/setup.py",
+        first=("test_train.py", "test_finetune.py"),
+        mutations=(
+            Mutation(
+                "training: lr not scaled to the global batch",
+                "lr = config.lr * config.batch_size / config.lr_batch",
+                "lr = config.lr",
+            ),
+        ),
+    ),
+    Target(
+        "crate/train/config.py",
+        first=("test_train_faults.py",),
+        mutations=(
+            Mutation(
+                "config: a negative lr accepted",
+                '            "lr",\n            "lr_batch",',
+                '            "lr_batch",',
+            ),
+        ),
+    ),
+    Target(
+        "crate/train/faults.py",
+        first=("test_train_faults.py",),
+        mutations=(
+            Mutation(
+                "training: ranks agree on finite flags, not non-finite ones",
+                "torch.stack([~finite,",
+                "torch.stack([finite,",
+            ),
+            Mutation(
+                "training: stop handler left in place",
+                "signal.signal(number, handler)",
+                "signal.signal(number, self._handle)",
+            ),
+        ),
+    ),
+    # evaluation
+    Target(
+        "crate/evaluate.py",
+        first=("test_evaluate.py", "test_distributed_evaluation.py"),
+        mutations=(
+            Mutation(
+                "evaluation: top-5 counts top-1",
+                "correct5 += (top == targets[:, None])",
+                "correct5 += (top[:, :1] == targets[:, None])",
+            ),
+            Mutation(
+                "evaluation: loss not divided by the count", "eval_loss=loss / total,", "eval_loss=loss,"
+            ),
+            Mutation(
+                "evaluation: counts not summed over ranks",
+                "dist.all_reduce(counts)",
+                "dist.all_reduce(counts, op=dist.ReduceOp.MAX)",
+            ),
+        ),
+    ),
 )
 
 
