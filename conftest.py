@@ -17,8 +17,8 @@ settings.register_profile(
     "ci", max_examples=5 * DEV_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True
 )
 settings.register_profile("thorough", max_examples=10 * DEV_EXAMPLES, deadline=None)
-# verification/mutations.py's first try: ci's settings with a twentieth of its examples and no shrinking
-# (the first failure is the verdict; a survivor is run again with ci's)
+# verification/mutations/runner.py's first try: ci's settings with a twentieth of its examples and no
+# shrinking (the first failure is the verdict; a survivor is run again with ci's)
 settings.register_profile(
     "mutations",
     parent=settings.get_profile("ci"),

@@ -101,9 +101,19 @@ def test_a_save_failing_half_way_leaves_the_previous_checkpoint_latest(tmp_path,
     with pytest.raises(OSError, match="No space left"):
         checkpoint.save(tmp_path, 2, newer, newer_optimizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001", "latest"]
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint-00000001"
     monkeypatch.undo()
     step, restored = _restored(tmp_path)
     assert step == 1 and torch.equal(restored.weight, model.weight)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_save_keeps_the_newest_checkpoints(tmp_path, keep):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, step, *_trained(step), keep=keep)
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert kept == [checkpoint.step_folder(tmp_path, step).name for step in range(6 - keep, 6)]
+    assert checkpoint.latest(tmp_path) == checkpoint.step_folder(tmp_path, 5)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "delete"])
