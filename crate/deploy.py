@@ -6,8 +6,8 @@
     torch.export.export, the batch dimension dynamic        "export"
     ONNX by the dynamo exporter, run in onnxruntime         "onnx"   (pip install onnx onnxscript onnxruntime)
 
-The traced forms keep the eager model's input check (crate.model.checked_images is a torch.fx leaf and
-scriptable) and its attention choice at run time (crate.model.subspace_attention); export and ONNX
+The traced forms keep the eager model's input check (crate.models.model.checked_images is a torch.fx leaf and
+scriptable) and its attention choice at run time (crate.models.layers.subspace_attention); export and ONNX
 record the path taken while exporting: under autograd, the explicit one. tests/test_deployment.py
 proves each form equal to eager within float32's own error; benchmarks/deployment.py measures it.
 """

@@ -84,7 +84,7 @@ def seed_everything(seed: int) -> None:
 # -- the CPU allocator -------------------------------------------------------------------------------
 # PyTorch's CPU tensors come from malloc. glibc gives large blocks fresh pages from the kernel (mmap,
 # or heap growth after a trim), and a training step frees and re-allocates its activations every
-# step, so each step page-faults them in again (README "Training on the CPU"). Raising the mmap and
+# step, so each step page-faults them in again (README "Using the fast model"). Raising the mmap and
 # trim thresholds keeps the freed pages in the process, as CUDA's caching allocator does on the GPU.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _THRESHOLDS = (2**30, 2**25)  # 1 GiB; else 32 MiB, the most that some glibc versions accept

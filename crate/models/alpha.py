@@ -44,8 +44,8 @@ class ODL(nn.Module):
 
         a₁ = ReLU(η·uD − ηλ),  a₂ = ReLU(a₁ − η(a₁Dᵀ − u)D − ηλ),  output a₂D₁ᵀ.
 
-    Measured (benchmarks/test_throughput.py::test_odl_forms): these token matmuls beat the Gram form
-    a₁(ηDᵀD), whose 4d × 4d Gram costs twice the token FLOPs of the two products it replaces. The
+    These token matmuls, not the Gram form a₁(ηDᵀD), whose 4d × 4d Gram costs twice the token FLOPs
+    of the two products it replaces (benchmarks/test_throughput.py::test_odl_forms times both). The
     codes a₁ stay outside the products, which keeps bf16 accurate.
     """
 

@@ -10,9 +10,8 @@ instead of the four of autograd's three-input path (dV, dP, dQ, dK), and P and W
 dS is PyTorch's own softmax backward kernel, as in autograd. The cheaper correction
 rowsum(dO ∘ O) (a sum over p, equal in exact arithmetic) is not used: with peaky attention
 dP_ii − rowsum is a cancellation that only a correction computed from the same rounded dP and P
-resolves; from the rounded O, bf16 gradients were 2.6× (random heads, s = 1/8) and 15.6× (peaky
-CRATE-T heads) less accurate than the plain path's (verification/test_symmetric_attention.py keeps
-that variant as a negative control).
+resolves; from the rounded O, bf16 gradients break the precision rule (verification/
+test_symmetric_attention.py keeps that variant as a negative control, with its measured factors).
 
 Under autocast W is cast to the autocast dtype, as autocast's matmuls would. Inside, autocast is
 off and the dtypes are explicit: products in W's dtype, the softmax computed in float32 (float64 for

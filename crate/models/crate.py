@@ -137,7 +137,8 @@ def crate_mini_patch4_28(pretrained: bool = False, **kwargs) -> CRATE:
 
 @register_model
 def crate_mini_patch7_28(pretrained: bool = False, **kwargs) -> CRATE:
-    """crate_mini_patch4_28 with 7×7 patches (16 instead of 49): the CPU demo's model, 3× faster to train."""
+    """crate_mini_patch4_28 with 7×7 patches (16 instead of 49) and the mean token read out: the CPU
+    demo's model."""
     return _create("crate_mini_patch7_28", pretrained, **kwargs)
 
 

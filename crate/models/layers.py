@@ -1,5 +1,5 @@
 """The layers both CRATE families share: the patch embedding of CRATE, multi-head subspace
-self-attention (MSSA), drop path, and the input check. Tokens are (B, N, d) throughout."""
+self-attention (MSSA), drop path. Tokens are (B, N, d) throughout."""
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +65,13 @@ class MSSA(nn.Module):
     """Multi-head subspace self-attention: query = key = value = y·U_k per head (docs/math.md §5).
 
     ``fused_attn`` uses F.scaled_dot_product_attention for inference and for training in float16 or
-    bfloat16 (autocast included) on CUDA, and ``symmetric_attention`` (crate/attention.py: one
-    backward for q = k = v, three N×N×p products instead of four) for the other training.
+    bfloat16 (autocast included) on CUDA, and ``symmetric_attention`` (attention.py: one backward
+    for q = k = v, three N×N×p products instead of four) for the other training.
     ``fused_attn=False`` takes the explicit matmul-softmax path, which states the math and is the
-    in-model oracle. Why: SDPA's backward must keep the precision rule of docs/math.md §8
-    (verification/test_symmetric_attention.py). CUDA's flash and memory-efficient kernels keep it
-    in float16 and bfloat16, 2.5–2.7× faster than symmetric_attention on an H100, half the memory;
-    in float32 the memory-efficient kernel's gradients were 6–17× less accurate than the explicit
-    path's, and PyTorch's CPU SDPA backward 5–10× (peaky attention).
+    in-model oracle. Why: SDPA's backward must keep the precision rule of docs/math.md §8, and
+    verification/test_symmetric_attention.py finds that CUDA's flash and memory-efficient kernels
+    keep it in float16 and bfloat16 only; in float32, and on the CPU, their gradients break it with
+    peaky attention (the measured factors and speeds: README "Using the fast model").
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
     whole width, as officially).
     """
@@ -122,34 +121,3 @@ class DropPath(nn.Module):
         keep = 1 - self.probability
         mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, …)
         return x * mask / keep
-
-
-@torch.fx.wrap
-def checked_images(
-    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str
-) -> torch.Tensor:
-    """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W).
-
-    A leaf of torch.fx traces (torch.fx.wrap) whose output the graph uses, so that a traced model
-    still checks its input when it runs; TorchScript compiles it (the type test is Python's only).
-    """
-    if not torch.jit.is_scripting():
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(
-                f"{model} expects floating-point images, got {type(images).__name__}; "
-                "convert with torch.as_tensor(...).float() (and normalise) first"
-            )
-    if not images.is_floating_point():
-        raise TypeError(
-            f"{model} expects floating-point images, got {images.dtype}; "
-            "convert with .float() (and normalise) first"
-        )
-    expected = (in_chans, img_size[0], img_size[1])
-    if images.dim() != 4 or (images.shape[1], images.shape[2], images.shape[3]) != expected:
-        got = ", ".join([str(size) for size in images.shape])
-        raise ValueError(
-            f"{model} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
-            f"got ({got}); build the model with in_chans/img_size to match "
-            "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
-        )
-    return images

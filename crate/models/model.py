@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import MSSA, NORM_EPS, DropPath, PatchEmbed, checked_images, pair
+from .layers import MSSA, NORM_EPS, DropPath, PatchEmbed, pair
 from .recompute import in_eager_autograd, norm_outputs_recomputed
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,6 +136,37 @@ class CRATEConfig:
                 )
             overrides["pool"] = _TIMM_POOLS[overrides["pool"]]
         return replace(self, **overrides)
+
+
+@torch.fx.wrap
+def checked_images(
+    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str
+) -> torch.Tensor:
+    """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W).
+
+    A leaf of torch.fx traces (torch.fx.wrap) whose output the graph uses, so that a traced model
+    still checks its input when it runs; TorchScript compiles it (the type test is Python's only).
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"{model} expects floating-point images, got {type(images).__name__}; "
+                "convert with torch.as_tensor(...).float() (and normalise) first"
+            )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{model} expects floating-point images, got {images.dtype}; "
+            "convert with .float() (and normalise) first"
+        )
+    expected = (in_chans, img_size[0], img_size[1])
+    if images.dim() != 4 or (images.shape[1], images.shape[2], images.shape[3]) != expected:
+        got = ", ".join([str(size) for size in images.shape])
+        raise ValueError(
+            f"{model} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+            f"got ({got}); build the model with in_chans/img_size to match "
+            "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
+        )
+    return images
 
 
 class CRATE(nn.Module):

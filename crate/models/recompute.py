@@ -3,8 +3,8 @@
 In a CRATE layer each LayerNorm feeds a product that saves its input for the weight gradient
 (y = LN₁(z) for the U projection, u = LN₂(z) for ISTA's u·M), while the LayerNorm itself saves its own
 input z. Saving y and u as recipes, (the norm, z, the view), drops two (B, N, d) tensors per layer
-from what a training step keeps: CRATE-S at batch 8 peaks at 361 instead of 441 MiB (timm's ViT-S:
-375), for about 1% of the step's time (one LayerNorm forward per recipe). The recomputation repeats
+from what a training step keeps, for one LayerNorm forward per recipe in the backward (the memory
+and time measured: README "Using the fast model"). The recomputation repeats
 the forward's operation on the same input with the same autocast state, so gradients are bitwise
 those of the plain path (verification/test_recompute.py).
 
