@@ -16,6 +16,7 @@ from crate.audit import load_images, load_model
 from crate.audit import main as audit_main
 from crate.train import resolve_config, train
 from crate.weights import checkpoint
+from tests.helpers import released_alpha_pth
 
 SMALL = CRATEAlphaConfig(img_size=8, patch_size=2, in_chans=1, num_classes=3, dim=8, depth=2, heads=2)
 ALPHA_FIELDS = {
@@ -34,7 +35,6 @@ ALPHA_FIELDS = {
     "orthonormality_gap",
     "head_coherence",
 }
-MINI = dict(dim=128, depth=6, heads=4, head_dim=32, patch_size=4, channels=1, num_patches=49)
 
 
 def _ln(x, norm):
@@ -146,14 +146,6 @@ def test_tables_and_plot_show_the_codes_columns(untrained, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-def _released_alpha_pth(path, num_classes=10):
-    state = reference.random_official_alpha_state_dict(
-        **MINI, num_classes=num_classes, generator=torch.Generator().manual_seed(1)
-    )
-    torch.save({key: value.float() for key, value in state.items()}, path)
-    return state
-
-
 def test_audit_command_reads_an_alpha_run_folder_safetensors_and_released_pth(tmp_path, capsys):
     run = tmp_path / "run"
     train(
@@ -190,7 +182,7 @@ def test_audit_command_reads_an_alpha_run_folder_safetensors_and_released_pth(tm
     assert json.loads(paths["json"].read_text())["layers"] == report["layers"]  # the same weights
 
     pth = tmp_path / "crate_alpha_mini.pth"
-    released = _released_alpha_pth(pth)
+    released = released_alpha_pth(pth)
     model, _ = load_model(pth, "crate_alpha_mini_patch4_28")
     assert isinstance(model, CRATEAlpha)
     assert torch.equal(model.blocks[2].odl.D1, released["transformer.layers.2.1.fn.D1"].float())
@@ -202,7 +194,7 @@ def test_audit_command_reads_an_alpha_run_folder_safetensors_and_released_pth(tm
 
 def test_checkpoint_of_the_other_family_is_explained(tmp_path):
     pth = tmp_path / "crate_alpha_mini.pth"
-    _released_alpha_pth(pth)
+    released_alpha_pth(pth)
     with pytest.raises(ValueError, match=r"holds CRATE-α weights.*mini_patch4_28 is a CRATE;.*crate_alpha"):
         load_model(pth, "crate_mini_patch4_28")
     crate_pth = tmp_path / "crate_mini.pth"

@@ -7,38 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import reference
 from crate import convert_official_state_dict
 from crate.train import PRESETS, TrainConfig, build_model, resolve_config, train
 from crate.weights import checkpoint
+from tests.helpers import FAST, latest_weights, released_alpha_pth
 
 ALPHA = ["--model", "crate_alpha_mini_patch4_28"]
-FAST = [  # as tests/test_train.py: a fixed subset, a few seconds per run on 2 cores
-    "--train-subset",
-    "1024",
-    "--eval-subset",
-    "512",
-    "--batch-size",
-    "64",
-    "--lr-batch",
-    "64",
-    "--telemetry-batch",
-    "8",
-    "--log-every",
-    "2",
-]
 ODL_FIELDS = {"nonzero_a1", "nonzero_a2", "lasso_start", "lasso_step1", "lasso_step2", "decoder_drift"}
-MINI = dict(dim=128, depth=6, heads=4, head_dim=32, patch_size=4, channels=1, num_patches=49)
 
 
 def _config(output: Path, *extra: str) -> TrainConfig:
     return resolve_config([*ALPHA, *FAST, "--output", str(output), *extra])
-
-
-def _weights(folder: Path) -> dict:
-    return load_file(checkpoint.latest(folder) / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +73,7 @@ def test_crate_alpha_resume_ends_with_the_same_parameters(tmp_path):
     train(_config(tmp_path / "straight", "--max-steps", "6", *short))
     train(_config(tmp_path / "resumed", "--max-steps", "3", *short))
     train(_config(tmp_path / "resumed", "--max-steps", "6", *short, "--resume"))
-    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    straight, resumed = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys() and any(".odl.D1" in key for key in straight)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -124,7 +105,7 @@ def test_every_preset_trains_crate_alpha(preset, tmp_path):
     )
     result = train(config)
     assert result["step"] == 1 and ODL_FIELDS <= result["whitebox"][0].keys()
-    assert all(torch.isfinite(value).all() for value in _weights(tmp_path).values())
+    assert all(torch.isfinite(value).all() for value in latest_weights(tmp_path).values())
 
 
 def test_alpha_presets_are_the_published_recipe():
@@ -175,18 +156,10 @@ def test_bad_options_are_explained(tmp_path, capsys):
         build_model(resolve_config([*ALPHA, "--finetune", missing]))
 
 
-def _released_alpha_pth(path: Path, num_classes: int) -> dict:
-    state = reference.random_official_alpha_state_dict(
-        **MINI, num_classes=num_classes, generator=torch.Generator().manual_seed(2)
-    )
-    state = {key: value.float() for key, value in state.items()}
-    torch.save(state, path)
-    return convert_official_state_dict(state)
-
-
 def test_finetune_from_a_released_file_loads_offline_with_a_new_classifier(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    released = _released_alpha_pth(tmp_path / "released.pth", num_classes=7)  # the release's key names
+    drawn = released_alpha_pth(tmp_path / "released.pth", num_classes=7, seed=2)  # the release's key names
+    released = convert_official_state_dict({key: value.float() for key, value in drawn.items()})
     model = build_model(resolve_config([*ALPHA, "--finetune", str(tmp_path / "released.pth")]))
     state = model.state_dict()
     assert model.num_classes == 10 and state["head.weight"].shape == (10, 128)  # the dataset's classes
@@ -247,7 +220,7 @@ def test_alpha_finetune_recipe_runs_on_an_image_folder_from_a_released_checkpoin
     options += ["--max-steps", "2", "--telemetry-batch", "2", "--output", str(tmp_path / "run")]
     result = train(resolve_config(options))
     assert result["step"] == 2 and result["eval_images"] == 12 and len(result["whitebox"]) == 12
-    weights = _weights(tmp_path / "run")
+    weights = latest_weights(tmp_path / "run")
     assert weights["head.weight"].shape == (3, 192)  # the folder's 3 classes, the file's 11 dropped
     released = convert_official_state_dict(state)  # two warm-up steps at lr ~1e-10 barely move it
     for key in ("blocks.7.odl.D1", "patch_embed.proj.weight", "pos_embed"):

@@ -7,18 +7,13 @@ installs it where it can). Without them they fail with the message saying how to
 
 import gzip
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from crate.data import (
@@ -31,51 +26,12 @@ from crate.data import (
 )
 from crate.train import (
     ConfigError,
-    TrainConfig,
     build_model,
     resolve_config,
     train,
 )
 from crate.train.setup import dataset_classes, open_datasets, ready_datasets
-from crate.weights import checkpoint
-
-# a fixed subset and a small model keep each run to seconds on 2 cores
-FAST = [
-    "--train-subset",
-    "1024",
-    "--eval-subset",
-    "512",
-    "--batch-size",
-    "64",
-    "--lr-batch",
-    "64",
-    "--telemetry-batch",
-    "8",
-    "--log-every",
-    "2",
-]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _config(tmp_path: Path, *extra: str) -> TrainConfig:
-    return resolve_config([*FAST, "--output", str(tmp_path), *extra])
-
-
-def _weights(folder: Path) -> dict:
-    return load_file(checkpoint.latest(folder) / "model.safetensors")
-
-
-def _run(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)) | (env or {})
-    return subprocess.Popen(
-        [sys.executable, *args],
-        env=environment,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
+from tests.helpers import FAST, fast_config, latest_weights, run_python
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -215,10 +171,10 @@ def test_training_learns_fashion_mnist_far_above_chance(trained_run):
 
 # -- checkpoints and exact resume -------------------------------------------------------------------
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
-    train(_config(tmp_path / "straight", "--max-steps", "6", "--checkpoint-every", "3"))
-    train(_config(tmp_path / "resumed", "--max-steps", "3", "--checkpoint-every", "3"))
-    train(_config(tmp_path / "resumed", "--max-steps", "6", "--checkpoint-every", "3", "--resume"))
-    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    train(fast_config(tmp_path / "straight", "--max-steps", "6", "--checkpoint-every", "3"))
+    train(fast_config(tmp_path / "resumed", "--max-steps", "3", "--checkpoint-every", "3"))
+    train(fast_config(tmp_path / "resumed", "--max-steps", "6", "--checkpoint-every", "3", "--resume"))
+    straight, resumed = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -226,8 +182,8 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     args = ["-m", "crate.train", *FAST, "--max-steps", "12", "--checkpoint-every", "2"]
-    reference_run = _run(*args, "--output", str(tmp_path / "straight"))
-    victim = _run(*args, "--output", str(tmp_path / "killed"))
+    reference_run = run_python(*args, "--output", str(tmp_path / "straight"))
+    victim = run_python(*args, "--output", str(tmp_path / "killed"))
     latest = tmp_path / "killed" / "latest"
     deadline = time.monotonic() + 300
     while not (latest.exists() and int(latest.read_text().split("-")[1]) >= 4):
@@ -238,17 +194,17 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     victim.wait()
     killed_at = int(latest.read_text().split("-")[1])
     assert killed_at < 12
-    resumed = _run(*args, "--output", str(tmp_path / "killed"), "--resume")
+    resumed = run_python(*args, "--output", str(tmp_path / "killed"), "--resume")
     assert resumed.wait() == 0, resumed.stdout.read()
     assert reference_run.wait() == 0, reference_run.stdout.read()
-    straight, after_kill = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    straight, after_kill = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "killed")
     for key in straight:
         assert torch.equal(straight[key], after_kill[key]), key
 
 
 def test_resume_without_checkpoint_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
-        train(_config(tmp_path, "--max-steps", "1", "--resume"))
+        train(fast_config(tmp_path, "--max-steps", "1", "--resume"))
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -262,9 +218,9 @@ def test_two_gloo_processes_reach_the_parameters_of_one(tmp_path):
         "5",
         "--no-amp",
     ]  # float32: a bf16 split rounds apart
-    single = _run("-m", "crate.train", *args, "--output", str(tmp_path / "one"))
+    single = run_python("-m", "crate.train", *args, "--output", str(tmp_path / "one"))
     assert single.wait() == 0, single.stdout.read()
-    pair = _run(
+    pair = run_python(
         "-m",
         "torch.distributed.run",
         "--standalone",
@@ -277,7 +233,7 @@ def test_two_gloo_processes_reach_the_parameters_of_one(tmp_path):
         str(tmp_path / "two"),
     )
     assert pair.wait() == 0, pair.stdout.read()
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    one, two = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
     worst = max((one[key] - two[key]).abs().max().item() for key in one)
     print(f"max parameter difference between 1 and 2 processes after 5 steps: {worst:.2e}")
     # float32: all-reduce sums in another order (a few ulps of O(1) parameters; measured 1.2e-7), with
