@@ -1,6 +1,6 @@
 """CRATE-α's interface: the timm registry and its published weights (the Hub path tested offline, on a
 prepared local Hugging Face cache), configuration and input errors, released-checkpoint conversion.
-The timm method contract is shared with CRATE (tests/test_model.py); numerical equality with the
+The timm method contract is shared with CRATE (tests/models/test_model.py); numerical equality with the
 reference is verification/test_fast_model.py's job (its "-alpha" cases)."""
 
 import os
@@ -23,7 +23,7 @@ RELEASED_COUNTS = {  # parameters of the instantiated released port (docs/crate-
     "crate_alpha_large_patch14_224": 253_650_920,
 }
 SMALL = CRATEAlphaConfig(img_size=8, patch_size=2, in_chans=3, num_classes=5, dim=16, depth=3, heads=2)
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def _sizes(config: CRATEAlphaConfig, num_classes: int | None = None) -> dict:

@@ -1,5 +1,5 @@
 """The fast models' interface (CRATE; the timm contract also for CRATE-α, whose own checks are in
-tests/test_alpha_model.py): timm integration, configuration errors, checkpoint conversion and
+tests/models/test_alpha_model.py): timm integration, configuration errors, checkpoint conversion and
 loading, the timm method contract, torch.compile and bf16 autocast. Numerical equality with the
 reference is verification/test_fast_model.py's job."""
 
