@@ -44,7 +44,7 @@ $PY -m benchmarks.report "${stem}.json" | tee "${stem}.md"
     set +e  # a failing check must not hide the others: the file shows each one's outcome
     echo "# CUDA verification on ${device}, $(date -u +%FT%TZ): torch $($PY -c 'import torch; print(torch.__version__)')"
     CI=1 timeout 150 $PY -m pytest -q -p no:cacheprovider -k cuda \
-        verification/test_fast_model.py tests/test_alpha_audit.py 2>&1 | tail -n 30
+        verification/test_fast_model.py tests/test_analysis.py 2>&1 | tail -n 30
     echo "## symmetric attention and SDPA's fused kernels under the precision rule (CRATE-T shapes)"
     CI=1 timeout 90 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
         verification/test_symmetric_attention.py 2>&1 | grep -E "forward:|passed|failed|Error"

@@ -12,7 +12,7 @@ def trained_run(tmp_path_factory):
 
     5 epochs, not 3: over seeds 0-5 the final top-1 on these 1000 images measured 68.7-74.4% in float32
     and 69.9-75.8% in bf16 autocast at 5 epochs, but 59.6-65.3% and 58.7-64.5% at 3 epochs, where the
-    learning test's 60% bar sat above the worst seed (tests/test_train.py)."""
+    learning test's 60% bar sat above the worst seed (tests/train/test_train.py)."""
     output = tmp_path_factory.mktemp("trained-run")
     config = resolve_config(
         [

@@ -14,37 +14,50 @@ from crate.train import resolve_config
 SHORT = ["--epochs", "1", "--train-subset", "512", "--eval-subset", "256", "--telemetry-batch", "8"]
 
 
-def test_demo_trains_reports_and_writes_the_audit(tmp_path, capsys):
-    demo.main(["--output", str(tmp_path), *SHORT])
+# per family: the demo's options, the model it trains, what its console table, audit.json and audit.md show
+DEMOS = {
+    "crate": dict(
+        options=[],
+        model="crate_mini_patch7_28",
+        console=("non-zero",),
+        fields={"nonzero", "lasso_start", "lasso_end"},
+        markdown="| non-zero |",
+    ),
+    "crate_alpha": dict(
+        options=["--model", "crate_alpha_mini_patch4_28"],
+        model="crate_alpha_mini_patch4_28",
+        console=("non-zero codes a2", "LASSO f(0) -> f(a2)"),
+        fields={"nonzero_a2", "lasso_step2", "decoder_drift"},
+        markdown="non-zero a₂",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(DEMOS))
+def test_demo_trains_reports_writes_the_audit_and_reuses_the_run(family, tmp_path, capsys):
+    """CRATE's demo (its default model) and CRATE-α's, whose table and audit show the ODL codes."""
+    expected = DEMOS[family]
+    demo.main([*expected["options"], "--output", str(tmp_path), *SHORT])
     output = capsys.readouterr().out
-    assert "crate_mini_patch7_28 on Fashion-MNIST (256 test images): top-1" in output
+    assert f"{expected['model']} on Fashion-MNIST (256 test images): top-1" in output
     assert "Precision: " in output and "Estimated training time on this machine: " in output
+    assert "Per-layer white-box measurements on 8 test images" in output
+    for column in expected["console"]:
+        assert column in output, column
     rows = [line for line in output.splitlines() if line.strip()[:1].isdigit() and "|" in line]
     assert [int(row.split("|")[0]) for row in rows] == list(range(6))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["model"] == "crate_mini_patch7_28" and 0 <= summary["result"]["top1"] <= 100
+    assert summary["model"] == expected["model"] and 0 <= summary["result"]["top1"] <= 100
     for name in ("audit.json", "audit.md", "layers.png", "attention.png"):
         assert (tmp_path / "audit" / name).is_file() and str(tmp_path / "audit" / name) in output
-
-    demo.main(["--output", str(tmp_path), *SHORT])
-    assert "holds a completed run with this configuration" in capsys.readouterr().out
-
-
-def test_demo_trains_crate_alpha_and_writes_its_audit(tmp_path, capsys):
-    demo.main(["--model", "crate_alpha_mini_patch4_28", "--output", str(tmp_path), *SHORT])
-    output = capsys.readouterr().out
-    assert "crate_alpha_mini_patch4_28 on Fashion-MNIST (256 test images): top-1" in output
-    assert "Per-layer white-box measurements on 8 test images" in output
-    assert "non-zero codes a2" in output and "LASSO f(0) -> f(a2)" in output
-    rows = [line for line in output.splitlines() if line.strip()[:1].isdigit() and "|" in line]
-    assert [int(row.split("|")[0]) for row in rows] == list(range(6))
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
-    assert (
-        audit["images"] == 64 and {"nonzero_a2", "lasso_step2", "decoder_drift"} <= audit["layers"][0].keys()
-    )
-    assert "non-zero a₂" in (tmp_path / "audit" / "audit.md").read_text()
+    assert audit["images"] == 64 and expected["fields"] <= audit["layers"][0].keys()
+    assert expected["markdown"] in (tmp_path / "audit" / "audit.md").read_text()
     for name in ("layers.png", "attention.png"):
         assert (tmp_path / "audit" / name).stat().st_size > 10_000
+
+    demo.main([*expected["options"], "--output", str(tmp_path), *SHORT])
+    assert "holds a completed run with this configuration" in capsys.readouterr().out
 
 
 def test_a_run_saved_before_new_options_counts_as_complete(tmp_path):

@@ -529,7 +529,7 @@ TARGETS = (
     # the data: built-in datasets, their augmentation, the training order and the evaluation shards
     Target(
         "crate/data/builtin.py",
-        first=("test_datasets.py", "test_train.py"),
+        first=("test_datasets.py",),
         mutations=(
             Mutation(
                 "data: IDX truncation check only catches extra bytes",
@@ -556,7 +556,7 @@ TARGETS = (
     ),
     Target(
         "crate/data/samplers.py",
-        first=("test_distributed_evaluation.py", "test_train.py"),
+        first=("test_datasets.py", "test_distributed_evaluation.py"),
         mutations=(
             Mutation(
                 "data: resumed epoch skips start_batch samples, not batches",

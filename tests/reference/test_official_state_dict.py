@@ -1,5 +1,7 @@
 """reference.OfficialCRATE: the official layout (keys, shapes, parameter counts), loading, and the
-errors for bad state dicts and bad images."""
+errors for bad state dicts and bad images; the parameter counts and the exact widening of a
+lower-precision state dict also for reference.OfficialCRATEAlpha (its other checks are in
+test_reference_alpha.py)."""
 
 import math
 
@@ -21,28 +23,49 @@ def _load(state: dict, **overrides) -> reference.OfficialCRATE:
     return reference.OfficialCRATE.from_state_dict(state, **dict(kwargs, **overrides))
 
 
-@pytest.mark.parametrize(
-    "dim, depth, heads, expected",
-    [
-        (384, 12, 6, 6_090_856),
-        (576, 12, 12, 13_116_328),
-        (768, 12, 12, 22_796_008),
-        (1024, 24, 16, 77_641_192),
-    ],
-)
-def test_parameter_counts_equal_the_official_models(dim, depth, heads, expected):
-    """docs/architecture.md §3's table, read from the instantiated official models, to the parameter."""
-    shapes = reference.official_state_dict_shapes(
+def _released_sizes(dim: int, depth: int, heads: int, patch_size: int = 16, num_patches: int = 196) -> dict:
+    return dict(
         dim=dim,
         depth=depth,
         heads=heads,
         head_dim=dim // heads,
-        patch_size=16,
+        patch_size=patch_size,
         channels=3,
-        num_patches=196,
+        num_patches=num_patches,
         num_classes=1000,
     )
-    assert sum(math.prod(shape) for shape in shapes.values()) == expected
+
+
+# each family's reference model and the shapes of its released state dict
+LAYOUTS = {
+    "crate": (reference.OfficialCRATE, reference.official_state_dict_shapes),
+    "crate_alpha": (reference.OfficialCRATEAlpha, reference.official_alpha_state_dict_shapes),
+}
+ALPHA_B16 = _released_sizes(768, 12, 12)
+ALPHA_L14 = _released_sizes(1024, 24, 16, patch_size=14, num_patches=256)
+
+
+@pytest.mark.parametrize(
+    "family, sizes, expected",
+    [
+        ("crate", _released_sizes(384, 12, 6), 6_090_856),
+        ("crate", _released_sizes(576, 12, 12), 13_116_328),
+        ("crate", _released_sizes(768, 12, 12), 22_796_008),
+        ("crate", _released_sizes(1024, 24, 16), 77_641_192),
+        ("crate_alpha", ALPHA_B16, 72_328_936),
+        ("crate_alpha", ALPHA_L14, 253_650_920),
+    ],
+    ids=["crate-T", "crate-S", "crate-B", "crate-L", "crate_alpha-B16", "crate_alpha-L14"],
+)
+def test_parameter_counts_equal_the_released_models(family, sizes, expected):
+    """docs/architecture.md §3's table and the released CRATE-α ports (docs/crate-alpha.md §4), to the
+    parameter: summed over the layout's shapes and read from the instantiated model (on the meta
+    device, so that no float64 parameters are allocated)."""
+    model_class, shapes = LAYOUTS[family]
+    assert sum(math.prod(shape) for shape in shapes(**sizes).values()) == expected
+    with torch.device("meta"):
+        model = model_class(**sizes)
+    assert sum(parameter.numel() for parameter in model.parameters()) == expected
 
 
 def test_state_dict_round_trips_with_official_keys():
@@ -60,11 +83,23 @@ def test_single_head_of_full_width_has_no_output_projection():
     assert isinstance(model.transformer.layers[0][0].fn.to_out, torch.nn.Identity)
 
 
-def test_float32_state_dict_is_widened_exactly():
-    state = {key: value.float() for key, value in _state().items()}
-    model = _load(state)
-    assert all(p.dtype == torch.float64 for p in model.parameters())
-    assert torch.equal(model.cls_token, state["cls_token"].double())
+@pytest.mark.parametrize("family", list(LAYOUTS))
+def test_lower_precision_state_dict_is_widened_exactly(family):
+    if family == "crate":
+        state, load = _state(), _load
+    else:
+        generator = torch.Generator().manual_seed(0)
+        state = reference.random_official_alpha_state_dict(**SMALL, generator=generator)
+
+        def load(low: dict) -> reference.OfficialCRATEAlpha:
+            return reference.OfficialCRATEAlpha.from_state_dict(low, heads=SMALL["heads"])
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        low = {key: value.to(dtype) for key, value in state.items()}
+        model = load(low)
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+        for key, value in model.state_dict().items():
+            assert value.dtype == torch.float64 and torch.equal(value, low[key].double()), key
 
 
 def test_sizes_are_read_from_the_shapes():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from crate.train import EXIT_PREEMPTED
 from crate.weights import checkpoint
-from tests.test_train import FAST, _run
+from tests.helpers import FAST, run_python
 
 # 1024 images of global batch 64: 16 steps an epoch, so steps 3 to 9 are mid-epoch
 ARGS = ["-m", "crate.train", *FAST, "--max-steps", "10", "--drop-path", "0.1", "--log-every", "1"]
@@ -73,13 +73,13 @@ def _worker(torchrun_pid: int, rank: int) -> int:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("uninterrupted")
-    pair = _run(*TORCHRUN, *ARGS, "--output", str(folder))
+    pair = run_python(*TORCHRUN, *ARGS, "--output", str(folder))
     assert pair.wait() == 0, pair.stdout.read()
     return _tensors(folder)
 
 
 def test_a_rank_signalled_mid_epoch_stops_both_with_a_checkpoint_and_resume_is_exact(tmp_path, uninterrupted):
-    pair = _run(*TORCHRUN, *ARGS, "--output", str(tmp_path))
+    pair = run_python(*TORCHRUN, *ARGS, "--output", str(tmp_path))
     _wait_until(lambda: _logged_step(tmp_path) >= 3, pair, "no step 3")
     os.kill(_worker(pair.pid, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it in the step's all-reduce
     output = pair.communicate(timeout=300)[0]
@@ -87,14 +87,14 @@ def test_a_rank_signalled_mid_epoch_stops_both_with_a_checkpoint_and_resume_is_e
     assert 3 <= stopped < 10, output  # mid-epoch
     assert output.count(f"stopped at step {stopped} on a stop signal") == 2, output  # both ranks, same step
     assert f"exitcode  : {EXIT_PREEMPTED}" in output, output
-    resumed = _run(*TORCHRUN, *ARGS, "--output", str(tmp_path), "--resume")
+    resumed = run_python(*TORCHRUN, *ARGS, "--output", str(tmp_path), "--resume")
     assert resumed.wait() == 0, resumed.stdout.read()
     _assert_equal(uninterrupted, _tensors(tmp_path))
 
 
 def test_a_rank_killed_under_max_restarts_resumes_by_itself_exactly(tmp_path, uninterrupted):
     elastic = [*TORCHRUN, "--max-restarts", "1"]
-    pair = _run(*elastic, *ARGS, "--checkpoint-every", "2", "--output", str(tmp_path))
+    pair = run_python(*elastic, *ARGS, "--checkpoint-every", "2", "--output", str(tmp_path))
     _wait_until(lambda: _step(tmp_path) >= 4, pair, "no checkpoint at step 4")
     os.kill(_worker(pair.pid, 1), signal.SIGKILL)
     output = pair.communicate(timeout=300)[0]

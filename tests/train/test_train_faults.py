@@ -15,7 +15,7 @@ from crate.data import InMemoryImages
 from crate.train import EXIT_NONFINITE, main, resolve_config, train
 from crate.train.faults import STOP_SIGNALS, StopSignals
 from crate.weights import checkpoint
-from tests.test_train import FAST
+from tests.helpers import FAST, latest_weights
 
 # 256 images of batch 64: 4 optimizer steps an epoch, each image once per epoch
 TINY = [*FAST, "--train-subset", "256", "--eval-subset", "64", "--checkpoint-every", "100"]
@@ -54,7 +54,7 @@ def test_a_poisoned_batch_skips_one_update_and_is_logged_and_counted(tmp_path, m
     assert _records(tmp_path)[-2]["nonfinite_steps"] == 1  # the last step's log record, then evaluation
     state = torch.load(checkpoint.latest(tmp_path) / "state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}  # 4 steps, one skipped
-    weights = load_file(checkpoint.latest(tmp_path) / "model.safetensors")
+    weights = latest_weights(tmp_path)
     assert all(t.isfinite().all() for t in weights.values()) and result["top1"] > 0
 
 

@@ -272,15 +272,6 @@ def test_every_problem_of_a_state_dict_is_listed_at_once():
         assert problem in str(raised.value)
 
 
-def test_lower_precision_state_dict_is_widened_exactly():
-    state = _state()
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        low = {key: value.to(dtype) for key, value in state.items()}
-        model = reference.OfficialCRATEAlpha.from_state_dict(low, heads=2)
-        for key, value in model.state_dict().items():
-            assert value.dtype == DTYPE and torch.equal(value, low[key].to(DTYPE)), key
-
-
 # images -----------------------------------------------------------------------------------------
 MODEL = reference.OfficialCRATEAlpha.from_state_dict(_state(), heads=2)
 
@@ -399,9 +390,6 @@ def _released_b16_table() -> dict[str, tuple[int, ...]]:
 B16 = dict(
     dim=768, depth=12, heads=12, head_dim=64, patch_size=16, channels=3, num_patches=196, num_classes=1000
 )
-L14 = dict(
-    dim=1024, depth=24, heads=16, head_dim=64, patch_size=14, channels=3, num_patches=256, num_classes=1000
-)
 
 
 def _meta_model(sizes: dict) -> reference.OfficialCRATEAlpha:
@@ -414,10 +402,3 @@ def test_b16_state_dict_keys_are_the_released_layout():
     assert reference.official_alpha_state_dict_shapes(**B16) == table
     built = {key: tuple(value.shape) for key, value in _meta_model(B16).state_dict().items()}
     assert built == table
-
-
-@pytest.mark.parametrize("sizes, count", [(B16, 72_328_936), (L14, 253_650_920)], ids=["B16", "L14"])
-def test_parameter_counts_are_the_released_ports(sizes, count):
-    assert sum(parameter.numel() for parameter in _meta_model(sizes).parameters()) == count
-    shapes = reference.official_alpha_state_dict_shapes(**sizes)
-    assert sum(torch.Size(shape).numel() for shape in shapes.values()) == count

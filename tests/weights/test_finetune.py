@@ -10,26 +10,23 @@ import pytest
 import timm
 import torch
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import crate
 import reference
 from crate.train import build_model, resolve_config, train
 from crate.train.setup import transforms
 from crate.weights import checkpoint, sources
+from tests.helpers import latest_weights
 
 DIGITS_FAST = ["--dataset", "digits", "--batch-size", "32", "--lr-batch", "32", "--epochs", "2"]
 QUIET = ["--telemetry-batch", "0", "--log-every", "1000"]
 
 
-def _final_weights(run) -> dict:
-    return load_file(checkpoint.latest(run) / "model.safetensors")
-
-
 # -- sources ---------------------------------------------------------------------------------------------
 def test_every_source_kind_reads_the_same_weights(trained_run, tmp_path):
     run, _ = trained_run
-    weights = _final_weights(run)
+    weights = latest_weights(run)
     file = tmp_path / "weights.safetensors"
     save_file(weights, file)
     for source, name in [
@@ -78,7 +75,7 @@ def test_everything_but_the_classifier_loads_and_the_note_says_why(trained_run):
     model = timm.create_model("crate_mini_patch4_28", num_classes=7)
     fresh_head = model.head.weight.clone()
     report = sources.load_for_finetuning(model, sources.read_source(run))
-    weights = _final_weights(run)
+    weights = latest_weights(run)
     for key, value in model.state_dict().items():
         if key.startswith("head."):
             continue
@@ -125,12 +122,12 @@ def test_the_model_comes_from_the_source_unless_named(trained_run):
 
 def test_a_linear_probe_changes_the_classifier_alone(trained_run, tmp_path):
     run, _ = trained_run
-    source = _final_weights(run)
+    source = latest_weights(run)
     config = resolve_config(
         [*DIGITS_FAST, *QUIET, "--finetune", str(run), "--freeze", "--output", str(tmp_path)]
     )
     result = train(config)
-    probed = _final_weights(tmp_path)
+    probed = latest_weights(tmp_path)
     changed = [key for key in source if not torch.equal(probed[key], source[key])]
     assert sorted(changed) == ["head.bias", "head.weight"]
     assert result["top1"] > 30  # 10 digit classes: chance is 10%
@@ -140,9 +137,9 @@ def test_a_linear_probe_changes_the_classifier_alone(trained_run, tmp_path):
 
 def test_fine_tuning_trains_every_parameter_from_the_source(trained_run, tmp_path):
     run, _ = trained_run
-    source = _final_weights(run)
+    source = latest_weights(run)
     train(resolve_config([*DIGITS_FAST, *QUIET, "--finetune", str(run), "--output", str(tmp_path)]))
-    tuned = _final_weights(tmp_path)
+    tuned = latest_weights(tmp_path)
     assert all(
         not torch.equal(tuned[key], source[key])
         for key in ("patch_embed.proj.weight", "blocks.5.ista.weight")

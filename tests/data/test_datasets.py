@@ -1,8 +1,11 @@
 """Datasets by name (crate.data.open_split): the digits of the transfer experiment, timm's factory on
 data it reads offline (torchvision's Fashion-MNIST reader over the Debian package's files, an image
-folder), the torchvision sets, and the errors for a missing dataset: nothing is downloaded here."""
+folder), the torchvision sets, and the errors for a missing dataset: nothing is downloaded here. The
+Fashion-MNIST IDX files of the Debian package (read, missing, corrupt), augmentation seeded by epoch and
+index in any worker order, and corrupt images skipped by name."""
 
 import gzip
+import random
 import shutil
 
 import numpy as np
@@ -10,8 +13,22 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader
 
-from crate.data import Digits, FashionMNIST, class_count, fashion_mnist_root, open_split, prepare
+from crate.data import (
+    Digits,
+    FashionMNIST,
+    ImageFolderSkippingCorrupt,
+    InMemoryImages,
+    ResumableSampler,
+    SeededSamples,
+    class_count,
+    collate_skipping_none,
+    fashion_mnist_root,
+    open_split,
+    prepare,
+    read_idx,
+)
 from crate.data.builtin import digits_split
 from crate.data.datasets import DEFAULT_DATA_ROOT
 
@@ -156,3 +173,105 @@ def test_training_on_streamed_shards(tmp_path):
     ]
     result = train(resolve_config(options))
     assert result["step"] == 6 and result["eval_images"] == 24  # 24 images, 3 steps an epoch
+
+
+# -- Fashion-MNIST files, seeded samples, corrupt images -----------------------------------------------------
+def test_fashion_mnist_is_read_from_the_debian_package_files():
+    train_set, test_set = FashionMNIST(split="train"), FashionMNIST(split="test")
+    assert len(train_set) == 60_000 and len(test_set) == 10_000
+    image, label = test_set[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and 0 <= label < 10
+    assert torch.bincount(train_set.targets).tolist() == [6000] * 10
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRATE_FASHION_MNIST", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}.*apt-get install dataset-fashion-mnist"):
+        fashion_mnist_root()
+
+
+def test_corrupt_idx_file_is_named(tmp_path):
+    source = fashion_mnist_root() / "t10k-labels-idx1-ubyte.gz"
+    truncated = tmp_path / "t10k-labels-idx1-ubyte"
+    truncated.write_bytes(gzip.decompress(source.read_bytes())[:-10])
+    with pytest.raises(ValueError, match=rf"{truncated} is truncated or corrupt"):
+        read_idx(truncated)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(garbage)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    dataset = FashionMNIST(split="test", augment=True, shift=2, seed=3)
+    first = dataset[5][0]
+    assert torch.equal(first, dataset[5][0])
+    dataset.set_epoch(1)
+    assert not torch.equal(first, dataset[5][0])
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Items drawn from all three RNGs a transform may use."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([torch.rand(()).item(), random.random(), np.random.rand()])
+
+
+def test_seeded_samples_augment_alike_in_any_worker_order_or_resumed_run():
+    dataset = SeededSamples(_RandomDraws(), seed=3)
+    whole = torch.cat(list(DataLoader(dataset, 2, num_workers=2)))
+    resumed = torch.cat(list(DataLoader(dataset, 2, num_workers=2, sampler=range(6, 12))))  # other workers
+    assert torch.equal(resumed, whole[6:]) and len(whole.unique()) == 36
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[0], whole[0]) and torch.equal(torch.get_rng_state(), state)  # restored
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0], whole[0])
+
+
+def test_flip_probability_zero_never_flips_and_one_always_flips():
+    images = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 1, 3, 4)
+    plain = InMemoryImages(images, torch.tensor([0, 1]), ("a", "b"))
+    for hflip, expected in ((0.0, lambda image: image), (1.0, lambda image: image.flip(-1))):
+        flipping = InMemoryImages(images, torch.tensor([0, 1]), ("a", "b"), augment=True, hflip=hflip)
+        for epoch in range(3):
+            flipping.set_epoch(epoch)
+            for index in range(2):
+                assert torch.equal(flipping[index][0], expected(plain[index][0])), (hflip, epoch, index)
+
+
+def test_resumable_sampler_starts_at_its_batch_of_each_epochs_permutation():
+    """Started at batch b, an epoch's order is the uninterrupted order from batch b on (so a resumed run
+    sees exactly the batches left); each epoch its own permutation; the ragged tail dropped; the ranks
+    disjoint."""
+    dataset, batch = range(50), 4  # 25 indices per rank: 6 whole batches, one index dropped
+    orders = {}
+    for rank in (0, 1):
+        sampler = ResumableSampler(dataset, rank, world_size=2, seed=5, batch_per_rank=batch)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            whole = list(sampler)
+            assert len(whole) == len(sampler) == 24
+            orders[rank, epoch] = whole
+            for start in (1, 4, 6):
+                sampler.set_epoch(epoch, start)
+                assert list(sampler) == whole[start * batch :] and len(sampler) == len(whole) - start * batch
+    assert orders[0, 0] != orders[0, 1]
+    assert not set(orders[0, 0]) & set(orders[1, 0])
+
+
+def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (8, 8), color=(10, 20, 30)).save(tmp_path / label / "good.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    dataset = ImageFolderSkippingCorrupt(tmp_path, transform=pil_to_tensor)
+    batch = collate_skipping_none([dataset[i] for i in range(len(dataset))])
+    assert len(batch[1]) == 2
+    assert dataset.skipped == [str(tmp_path / "b" / "broken.png")]
+    assert "broken.png" in caplog.text
