@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import reference
 from crate import CRATE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig
+from crate.models.layers import pair
 from crate.train import TrainConfig, resolve_config
 from crate.weights import checkpoint
 
@@ -94,9 +95,7 @@ class Family:
 
     def sizes(self, config: CRATEConfig, num_classes: int | None = None) -> dict:
         """The released-layout sizes of ``config`` (with another class count if given)."""
-        height, width = (
-            (config.img_size, config.img_size) if isinstance(config.img_size, int) else config.img_size
-        )
+        height, width = pair(config.img_size)
         sizes = dict(
             dim=config.dim,
             depth=config.depth,
