@@ -170,6 +170,15 @@ BAD = {
 
 
 @pytest.mark.parametrize("field", BAD)
+def test_a_bad_option_is_refused_when_the_configuration_is_built(capsys, field):
+    """resolve_config itself refuses (exit 2, one line naming the option): the check runs when the
+    TrainConfig is built, so a check that is lost fails here at once, not after a training run."""
+    with pytest.raises(SystemExit) as refused:
+        resolve_config(BAD[field])
+    assert refused.value.code == 2 and field in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", BAD)
 def test_a_bad_option_fails_before_any_work_in_one_line_naming_it(tmp_path, capsys, field):
     with pytest.raises(SystemExit) as refused:
         main([*BAD[field], "--output", str(tmp_path / "run")])

@@ -642,6 +642,11 @@ TARGETS = (
         first=("test_train_faults.py",),
         mutations=(
             Mutation(
+                "config: accumulation left out of the batch divisibility check",
+                "if self.batch_size % (world_size * self.accum_steps):",
+                "if self.batch_size % world_size:",
+            ),
+            Mutation(
                 "config: a negative lr accepted",
                 '            "lr",\n            "lr_batch",',
                 '            "lr_batch",',
