@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MSSA, DropPath, pair
+from .layers import MSSA, DropPath
 from .model import CRATE, GRAYSCALE_28, IMAGENET_224, CRATEConfig
 
 BLOCK_NORM_EPS = 1e-6  # the released blocks' LayerNorms; the head's keeps PyTorch's default (NORM_EPS)
@@ -72,13 +72,14 @@ class AlphaBlock(nn.Module):
     """One CRATE-α layer: Z^{ℓ+½} = Z^ℓ + MSSA(LN₁(Z^ℓ)), then Z^{ℓ+1} = Z^{ℓ+½} + ODL(LN₂(Z^{ℓ+½})).
     Both branches are residual, so drop-path acts on both."""
 
-    def __init__(self, dim, heads, head_dim, ratio, eta, lam, proj_drop=0.0, drop_path=0.0, fused_attn=True):
+    def __init__(self, config: "CRATEAlphaConfig", drop_path: float = 0.0):
         super().__init__()
+        dim, heads = config.dim, config.heads
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
-        self.attn = MSSA(dim, heads, head_dim, proj_drop, fused_attn, proj_bias=False)
+        self.attn = MSSA(dim, heads, dim // heads, config.drop_rate, config.fused_attn, proj_bias=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
-        self.odl = ODL(dim, ratio, eta, lam)
+        self.odl = ODL(dim, config.dictionary_ratio, config.eta, config.lam)
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.attn(self.norm1(x)))
@@ -109,25 +110,8 @@ class CRATEAlpha(CRATE):
     CRATEAlphaConfig and/or keyword overrides, or with timm.create_model("crate_alpha_...")."""
 
     config_class = CRATEAlphaConfig
-
-    @staticmethod
-    def make_patch_embed(config: CRATEAlphaConfig) -> nn.Module:
-        return ConvPatchEmbed(pair(config.img_size), config.patch_size, config.in_chans, config.dim)
-
-    @staticmethod
-    def make_block(config: CRATEAlphaConfig, drop_path: float) -> nn.Module:
-        heads = config.heads
-        return AlphaBlock(
-            config.dim,
-            heads,
-            config.dim // heads,
-            config.dictionary_ratio,
-            config.eta,
-            config.lam,
-            config.drop_rate,
-            drop_path,
-            config.fused_attn,
-        )
+    patch_embed_class = ConvPatchEmbed
+    block_class = AlphaBlock
 
 
 # -- variants and published weights: their timm entries are in crate.py ------------------------------

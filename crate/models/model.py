@@ -60,13 +60,14 @@ class Block(nn.Module):
     """One CRATE layer: compression Z^{ℓ+½} = Z^ℓ + MSSA(LN₁(Z^ℓ)), then sparsification
     Z^{ℓ+1} = ISTA(LN₂(Z^{ℓ+½})). ISTA has no residual, so drop-path acts on the MSSA branch only."""
 
-    def __init__(self, dim, heads, head_dim, eta, lam, proj_drop=0.0, drop_path=0.0, fused_attn=True):
+    def __init__(self, config: "CRATEConfig", drop_path: float = 0.0):
         super().__init__()
+        dim, heads = config.dim, config.heads
         self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
-        self.attn = MSSA(dim, heads, head_dim, proj_drop, fused_attn)
+        self.attn = MSSA(dim, heads, dim // heads, config.drop_rate, config.fused_attn)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
-        self.ista = ISTA(dim, eta, lam)
+        self.ista = ISTA(dim, config.eta, config.lam)
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.attn(self.norm1(x)))  # the residual adds x, not LN₁(x)
@@ -174,9 +175,11 @@ class CRATE(nn.Module):
     ...). Build it from a CRATEConfig and/or keyword overrides, or with timm.create_model.
 
     CRATE-α (crate/models/alpha.py) is this model with another patch embedding and layer: a subclass
-    overrides ``config_class``, ``make_patch_embed`` and ``make_block``."""
+    overrides ``config_class``, ``patch_embed_class`` and ``block_class``."""
 
     config_class = CRATEConfig
+    patch_embed_class = PatchEmbed  # (img_size pair, patch_size, in_chans, dim)
+    block_class = Block  # (config, drop-path rate)
 
     def __init__(self, config: CRATEConfig | None = None, **kwargs):
         super().__init__()
@@ -189,12 +192,14 @@ class CRATE(nn.Module):
         self.recompute_norms = True  # training keeps the LayerNorms' inputs, not their outputs
         self.class_name = type(self).__name__  # names the model in input errors (TorchScript has no type())
 
-        self.patch_embed = self.make_patch_embed(config)
+        self.patch_embed = self.patch_embed_class(
+            pair(config.img_size), config.patch_size, config.in_chans, config.dim
+        )
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))  # standard normal, as the official init
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
         drop_paths = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.Sequential(*[self.make_block(config, drop_path) for drop_path in drop_paths])
+        self.blocks = nn.Sequential(*[self.block_class(config, drop_path) for drop_path in drop_paths])
         self.fc_norm = nn.LayerNorm(dim, eps=NORM_EPS)
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
@@ -209,24 +214,6 @@ class CRATE(nn.Module):
             crop_pct=1.0,
             mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
             std=IMAGENET_STD if channels == 3 else (0.5,) * channels,
-        )
-
-    @staticmethod
-    def make_patch_embed(config: CRATEConfig) -> nn.Module:
-        return PatchEmbed(pair(config.img_size), config.patch_size, config.in_chans, config.dim)
-
-    @staticmethod
-    def make_block(config: CRATEConfig, drop_path: float) -> nn.Module:
-        heads = config.heads
-        return Block(
-            config.dim,
-            heads,
-            config.dim // heads,
-            config.eta,
-            config.lam,
-            config.drop_rate,
-            drop_path,
-            config.fused_attn,
         )
 
     # -- features ------------------------------------------------------------------------------------
