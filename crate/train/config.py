@@ -2,7 +2,6 @@
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
 
 import timm
 import timm.optim
@@ -105,7 +104,7 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} (global) must be divisible by world size × --accum-steps "
                 f"({world_size} × {self.accum_steps})"
             )
-        self.betas  # noqa: B018  (parsed now, so that a malformed value fails here)
+        self.betas  # noqa: B018  (parsed, so that a malformed value fails here, not at the first step)
         if self.freeze and not self.finetune:
             raise ConfigError(
                 "--freeze trains only the classifier on top of trained weights: add --finetune SOURCE "
@@ -122,7 +121,7 @@ class TrainConfig:
                 f"--eval-crop-mode must be center, squash or border, got {self.eval_crop_mode!r}"
             )
 
-    @cached_property
+    @property
     def betas(self) -> tuple[float, float] | None:
         """--opt-betas "beta1,beta2" as a tuple, None for the optimizer's default."""
         if self.opt_betas is None or not self.opt_betas.strip():
