@@ -1,9 +1,14 @@
 """The `crate` command: `crate train ...` (crate.train), `crate eval ...` (crate.evaluate) and
-`crate audit ...` (crate.audit)."""
+`crate audit ...` (crate.audit) and `crate verify ...` (crate.verify.command)."""
 
 import sys
 
-COMMANDS = {"train": "crate.train", "eval": "crate.evaluate", "audit": "crate.audit"}
+COMMANDS = {
+    "train": "crate.train",
+    "eval": "crate.evaluate",
+    "audit": "crate.audit",
+    "verify": "crate.verify.command",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

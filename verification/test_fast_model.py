@@ -5,8 +5,8 @@ reference.OfficialCRATE (test ids ``crate``), and crate/models/alpha.py against 
 ``Subject`` of a family says how to draw its problems and which of its tensors are compared.
 
 float64: max|fast − ref| <= 1e-10·(1 + max|ref|) (measured ~3e-15 for CRATE, ≤ 4e-15 for CRATE-α).
-Low precision: the FlashAttention rule of verification/precision.py, with verification/plain.py
-(explicit softmax, three-matmul ISTA) or verification/plain_alpha.py (the released ODL code, explicit
+Low precision: the FlashAttention rule of verification/precision.py, with crate/verify/plain.py
+(explicit softmax, three-matmul ISTA) or crate/verify/plain_alpha.py (the released ODL code, explicit
 softmax) as the plain implementation. Each precision runs with fused (SDPA) and explicit attention;
 CUDA cases (TF32 off and on) run where a GPU is present and are skipped otherwise.
 
@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 import reference
 from crate import convert_official_state_dict
 from crate.models.model import ista_step
-from verification import plain, plain_alpha
+from crate.verify import plain, plain_alpha
 from verification.asserts import assert_close, assert_within, max_abs
 from verification.precision import (
     ALPHA_FAMILY,
@@ -322,8 +322,10 @@ def test_fast_model_logits_follow_precision_rule(subject, precision, device, fus
     problem = subject.problem(batch=2, tokens=5, heads=4, head_dim=16, depth=4, seed=3, scale=1.0)
     dtype, _, u = PRECISIONS[precision]
     low = {key: value.to(dtype) for key, value in problem.state_dict().items()}
-    ref_model = subject.family.make_reference(low, 4, problem.patch_size, problem.channels)
     model = fast_model(low, **problem_kwargs(problem, subject.family, fused, device, dtype=dtype))
+    ref_model = subject.family.make_reference(
+        {key: value.double() for key, value in low.items()}, model.config
+    )
     images = problem.images.to(dtype)
     device_state = {key: value.to(device) for key, value in low.items()}
     with torch.no_grad():

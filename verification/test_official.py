@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import reference
-from verification import plain
+from crate.verify import plain
 from verification.asserts import assert_close, max_abs
 from verification.strategies import head_problems, randn, randomise_affine, seeds
 

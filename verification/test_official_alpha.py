@@ -1,6 +1,6 @@
 """The float64 released CRATE-α (reference.OfficialCRATEAlpha) against an independent functional
 implementation read straight from a released-layout state dict (docs/crate-alpha.md §1, §4):
-verification/plain_alpha.py with SDPA attention, that is patches by F.conv2d, attention by
+crate/verify/plain_alpha.py with SDPA attention, that is patches by F.conv2d, attention by
 F.scaled_dot_product_attention, LayerNorm by F.layer_norm (eps 1e-6 in the blocks, 1e-5 in the head),
 the ODL block's two steps as token-major matmuls (no einsum)."""
 
@@ -11,7 +11,7 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import reference
-from verification import plain_alpha
+from crate.verify import plain_alpha
 from verification.asserts import assert_close, max_abs
 from verification.strategies import log_uniform, randn, randomise_affine, scaled_settings, seeds
 

@@ -224,7 +224,8 @@ class CRATE(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.pos_drop(x)
 
-    def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        """One layer as the training step runs it: checkpointed, or with its norm outputs recomputed."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
         if self.recompute_norms and in_eager_autograd():
@@ -237,7 +238,7 @@ class CRATE(nn.Module):
         if torch.jit.is_scripting():  # TorchScript can neither checkpoint nor pass a block to a method
             return self.blocks(x)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = self.run_block(block, x)
         return x  # (B, N, d), the last ISTA output
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -279,7 +280,7 @@ class CRATE(nn.Module):
                 state = LayerStates(x, z_half, block.sparsify(z_half), attention)
                 x = state.ista
             else:
-                x = self._run_block(block, x)
+                x = self.run_block(block, x)
                 state = self.fc_norm(x) if norm else x
             if i in take:
                 intermediates.append(state)

@@ -78,6 +78,39 @@ def _rename(state_dict: dict, layout: str) -> dict:
     return converted
 
 
+def export_official_state_dict(state_dict: dict, layout: str) -> dict[str, torch.Tensor]:
+    """This model's key names -> the released ``layout``'s ("CRATE" or "CRATE-α"): the inverse of
+    ``convert_official_state_dict``, the same table read backwards; a key of neither raises."""
+    exported, unknown = {}, []
+    for key, value in state_dict.items():
+        for pattern, target in _LAYOUTS[layout]:
+            released = _released_name(pattern, target, key)
+            if released is not None:
+                exported[released] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys with no released {layout} name: {unknown}")
+    return exported
+
+
+def _released_name(pattern: str, target: str, key: str) -> str | None:
+    """The released key that ``pattern`` renames to ``key`` through ``target``, or None."""
+    groups = re.findall(r"\(([^)]*)\)", pattern)
+    pieces = re.split(r"\\(\d)", target)  # literal, group number, literal, ...
+    numbers = [int(number) for number in pieces[1::2]]
+    regex = "".join(
+        re.escape(piece) if i % 2 == 0 else f"({groups[int(piece) - 1]})" for i, piece in enumerate(pieces)
+    )
+    match = re.fullmatch(regex, key)
+    if match is None:
+        return None
+    values = dict(zip(numbers, match.groups(), strict=True))
+    number = iter(range(1, len(groups) + 1))
+    return re.sub(r"\([^)]*\)", lambda _: values[next(number)], pattern).replace("\\.", ".")
+
+
 def _check_fits(state_dict: dict, model: nn.Module, layout: str | None) -> None:
     """Strict and loud: every model key but the classifier's (timm drops that one when the class
     count differs) present with its shape, and no other key."""

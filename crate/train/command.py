@@ -1,5 +1,5 @@
 """`crate train` and `python -m crate.train` (torchrun's entry): the options, each a TrainConfig field,
-over the preset's values; the run; its exit code (0, 2, or faults.py's)."""
+over the preset's values; the run; its exit code (0, 2, faults.py's or the gate's 70)."""
 
 import argparse
 import dataclasses
@@ -15,6 +15,7 @@ from .config import ConfigError, TrainConfig
 from .faults import NonFiniteStepsError, PreemptedError
 from .loop import train
 from .presets import PRESETS
+from .verification import UnverifiedError
 
 log = logging.getLogger("crate.train")
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         result = train(config)
     except ConfigError as error:
         _exit_with(error)
-    except (PreemptedError, NonFiniteStepsError) as stop:
+    except (PreemptedError, NonFiniteStepsError, UnverifiedError) as stop:
         log.error("%s", stop)
         if dist.is_initialized():
             dist.destroy_process_group()

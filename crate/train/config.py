@@ -61,6 +61,9 @@ class TrainConfig:
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     amp: bool = True  # bf16 autocast on GPU, and on CPUs with native bf16 (avx512_bf16 / amx_bf16)
     compile: bool = False
+    skip_verify: bool = (
+        False  # train without the gate (crate/verify: exit 70 when it fails); loudly, recorded
+    )
     grad_checkpointing: bool = False
     workers: int = 0
     seed: int = 0

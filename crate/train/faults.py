@@ -14,6 +14,8 @@ log = logging.getLogger("crate.train")
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: SIGTERM or SIGUSR1 arrived, a checkpoint was written: resume
 EXIT_NONFINITE = 65  # sysexits' EX_DATAERR: --max-nonfinite-steps steps in a row had a NaN/inf loss or
 #                      gradient; the checkpoint holds the last good weights (resuming continues after them)
+# and EXIT_UNVERIFIED = 70 (sysexits' EX_SOFTWARE, crate/verify/gate.py): the gate found that the model does
+# not compute the derived CRATE on this device, precision and options; no step was taken
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before preempting (SLURM: --signal)
 
 

@@ -27,6 +27,7 @@ from ..weights import checkpoint
 from .config import TrainConfig
 from .faults import NonFiniteStepsError, PreemptedError, StopSignals, on_every_rank
 from .setup import Run, check_before_training, set_up
+from .verification import verify_run
 
 log = logging.getLogger("crate.train")
 
@@ -34,8 +35,9 @@ log = logging.getLogger("crate.train")
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training; returns the final evaluation metrics. Rank 0 writes everything.
 
-    Raises PreemptedError after SIGTERM or SIGUSR1 (once the current step is done on every rank and a
-    checkpoint is written) and NonFiniteStepsError after --max-nonfinite-steps skipped steps in a row."""
+    Raises UnverifiedError when the gate fails (before any step), PreemptedError after SIGTERM or
+    SIGUSR1 (once the current step is done on every rank and a checkpoint is written) and
+    NonFiniteStepsError after --max-nonfinite-steps skipped steps in a row."""
     check_before_training(config)
     run = set_up(config)
     progress = tqdm(
@@ -48,6 +50,7 @@ def train(config: TrainConfig) -> dict:
     )
     result, start_time = {}, time.perf_counter()
     try:
+        verify_run(run)  # before the first step, on every rank (crate/train/verification.py)
         with StopSignals() as signals:
             while run.step < run.total_steps:
                 tick = time.perf_counter()

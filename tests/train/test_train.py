@@ -177,7 +177,8 @@ def test_training_learns_fashion_mnist_far_above_chance(trained_run):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train_subset"] == 4096 and saved["model"] == "crate_mini_patch4_28"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "images_per_s"} <= records[0].keys()
+    assert records[0]["event"] == "verification" and records[0]["passed"], records[0]  # the gate, first
+    assert {"loss", "lr", "images_per_s"} <= records[1].keys()
     evaluation = [r for r in records if "top1" in r]
     assert len(evaluation) == 5 and {"top5", "eval_loss", "whitebox"} <= evaluation[-1].keys()
     assert len(evaluation[-1]["whitebox"]) == 6 and "compression_in" in evaluation[-1]["whitebox"][0]

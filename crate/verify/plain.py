@@ -4,7 +4,7 @@ Explicit matmul-softmax attention (or SDPA) and the official three-matmul ISTA, 
 throughout. It is the *plain* implementation of the FlashAttention rule (docs/math.md §8.2): the fast
 model's low-precision error is compared with the error this code makes in the same precision. In
 float64 with SDPA attention it is also an independent check of reference.OfficialCRATE.
-verification/plain_alpha.py is CRATE-α's, built on ``compress`` and ``head`` here; ``sparsify`` has the
+crate/verify/plain_alpha.py is CRATE-α's, built on ``compress`` and ``head`` here; ``sparsify`` has the
 interface that both share (output, pre-activations), which verification/precision.py uses for either
 family.
 """
@@ -68,16 +68,19 @@ def ista_preactivation(state: dict, layer: int, z: torch.Tensor, eta=0.1, lam=0.
     return u + eta * (F.linear(u, W.T) - F.linear(x1, W.T)) - eta * lam
 
 
-def sparsify(state: dict, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def sparsify(
+    state: dict, layer: int, z: torch.Tensor, eta: float = 0.1, lam: float = 0.1
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(Z^{ℓ+1}, its pre-activations): the ISTA output ReLU(pre) and (pre,). The same interface as
     plain_alpha.sparsify; the codes are ReLU of the last pre-activation (here the output itself)."""
-    pre = ista_preactivation(state, layer, z)
+    pre = ista_preactivation(state, layer, z, eta, lam)
     return F.relu(pre), (pre,)
 
 
-def head(state: dict, x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
-    """Logits from the last layer's output: LayerNorm (``eps``) and Linear on the cls token."""
-    pooled = _layer_norm(x[:, 0], state, "mlp_head.0", eps)
+def head(state: dict, x: torch.Tensor, eps: float = LN_EPS, pool: str = "cls") -> torch.Tensor:
+    """Logits from the last layer's output: LayerNorm (``eps``) and Linear on the cls token (``pool``
+    "cls", as released) or on the mean of all tokens ("mean")."""
+    pooled = _layer_norm(x.mean(dim=1) if pool == "mean" else x[:, 0], state, "mlp_head.0", eps)
     return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
 
 

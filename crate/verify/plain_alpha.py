@@ -1,6 +1,6 @@
 """A plain CRATE-α, written straight from a state dict with the released key names, in any dtype.
 
-F.conv2d patch embedding, explicit matmul-softmax attention (or SDPA; verification/plain.py's
+F.conv2d patch embedding, explicit matmul-softmax attention (or SDPA; crate/verify/plain.py's
 ``compress`` with LayerNorm eps 1e-6 and W_out without bias), and the ODL block written literally as
 the released code does it (UCSC-VLAA/CRATE-alpha; docs/crate-alpha.md §1), token-major:
 
@@ -15,7 +15,7 @@ verification/test_official_alpha.py checks reference.OfficialCRATEAlpha against 
 import torch
 import torch.nn.functional as F
 
-from verification import plain
+from . import plain
 
 LN_EPS = 1e-6  # the blocks' LayerNorms
 HEAD_LN_EPS = 1e-5  # the head's (PyTorch's default)
@@ -80,9 +80,9 @@ def layer_states(
     return states
 
 
-def head(state: dict, x: torch.Tensor) -> torch.Tensor:
-    """Logits from the last layer's output: LayerNorm (eps 1e-5) and Linear on the cls token."""
-    return plain.head(state, x, HEAD_LN_EPS)
+def head(state: dict, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """Logits from the last layer's output: LayerNorm (eps 1e-5) and Linear on the pooled token."""
+    return plain.head(state, x, HEAD_LN_EPS, pool)
 
 
 def logits(state: dict, images: torch.Tensor, heads: int, attention: str = "explicit") -> torch.Tensor:
