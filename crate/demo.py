@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             epochs=config.epochs,
             precision="bfloat16" if uses_bf16(device, config.amp) else "float32",
             wall_s=time.perf_counter() - start,
+            verification=_verification(output),
             result=result,
         )
         (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -159,8 +160,16 @@ def _completed_run(output: Path, config) -> dict | None:
     return summary if saved_config == dataclasses.asdict(config) else None
 
 
+def _verification(output: Path) -> dict:
+    """The gate's verdict of the run (crate/train/verification.py), without its table."""
+    record = json.loads((output / "verification.json").read_text())
+    return {key: record[key] for key in ("passed", "skipped", "verdict", "seconds")}
+
+
 def _report(summary: dict, output: Path) -> None:
     result = summary["result"]
+    if "verification" in summary:
+        print(f"\nverified before training (verification.json): {summary['verification']['verdict']}")
     print(
         f"\n{summary['model']} on Fashion-MNIST ({result['eval_images']} test images): "
         f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
@@ -177,7 +186,9 @@ def _report(summary: dict, output: Path) -> None:
                 "the block's two steps)"
             )
         print(analysis.format_table(layers))
-    print(f"\nrun folder: {output} (config.json, metrics.jsonl, checkpoints, summary.json)")
+    print(
+        f"\nrun folder: {output} (config.json, verification.json, metrics.jsonl, checkpoints, summary.json)"
+    )
 
 
 if __name__ == "__main__":

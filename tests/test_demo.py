@@ -88,6 +88,7 @@ def test_demo_says_and_records_its_precision(tmp_path, capsys, amp):
     assert f"Precision: {expected}" in output.splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["precision"] == ("bfloat16" if bf16 else "float32")
+    assert summary["verification"]["passed"] is True and "verified before training" in output
     assert f"1 epochs in {summary['precision']}" in output
 
 

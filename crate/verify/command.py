@@ -39,7 +39,7 @@ def default_precision(device: torch.device, amp: bool = True) -> str:
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
     """The model of SOURCE with the options, on the device, in the precision's dtype, in train mode."""
-    overrides = dict(drop_path_rate=args.drop_path, fused_attn=args.fused_attn)
+    overrides = dict(drop_path_rate=args.drop_path) | ({} if args.fused_attn else dict(fused_attn=False))
     if args.img_size:
         overrides["img_size"] = args.img_size
     path = Path(args.source)

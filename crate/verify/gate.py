@@ -269,7 +269,50 @@ def _train_rows(models: Models, runners: Runners, images: torch.Tensor, states: 
         with_input=True,
     )
     rows.append(("model", "output", _model_errors(models, runners, images, grad=True)))
+    return rows + _drop_path_rows(models, states, seed)
+
+
+def _drop_path_rows(models: Models, states: list, seed: int) -> list:
+    """Each drop-path branch in training mode, on the reference's input of its layer: a sample whose
+    output is its input bit for bit was dropped; every other one must be the input plus the whole
+    branch divided by the survival probability, judged by the rule (plain: the same from the plain
+    branch); CRATE-α's ODL branch too."""
+    family, low, config, u = models.family, models.low, models.fast.config, models.u
+    rows = []
+    for layer, (block, state) in enumerate(zip(models.fast.blocks, states, strict=True)):
+        if not isinstance(block.drop_path, DropPath):
+            continue
+        halves = [("MSSA", block.compress, state.input, state.mssa, _plain_half(family, config, layer))]
+        if family.name == "alpha":
+            halves.append(
+                ("ODL", block.sparsify, state.mssa, state.ista, _plain_sparse(family, config, layer))
+            )
+        keep = 1 - block.drop_path.probability
+        for branch, fast, given, ref_full, plain in halves:
+            x = given.to(device=models.device, dtype=models.dtype)
+            torch.manual_seed(seed + layer)  # inside check_model's forked random state
+            with torch.no_grad(), autocast(models.precision, models.device):
+                block.drop_path.train()
+                try:
+                    out = fast(x)
+                finally:
+                    block.drop_path.eval()
+                plain_full = plain(low, x)
+            kept = ~(out == x).flatten(1).all(dim=1).cpu()  # (B,)
+            x64 = x.double().cpu()
+            expected = x64 + (ref_full - x64) / keep
+            plain_kept = x64 + (plain_full.double().cpu() - x64) / keep
+            quantity = f"drop-path {branch} ({int(kept.sum())} of {len(kept)} kept)"
+            rows.append((f"layer {layer}", quantity, errors(out[kept], plain_kept[kept], expected[kept], u)))
     return rows
+
+
+def _plain_half(family, config, layer: int) -> Callable:
+    return lambda low, x: family.plain.compress(low, layer, x, config.heads)
+
+
+def _plain_sparse(family, config, layer: int) -> Callable:
+    return lambda low, z: family.plain.sparsify(low, layer, z, config.eta, config.lam)[0]
 
 
 _PARAMETERS = {  # the released names of each part's parameters, by prefix

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 LN_EPS = 1e-5
 
 
-def _layer_norm(x: torch.Tensor, state: dict, key: str, eps: float = LN_EPS) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, state: dict, key: str, eps: float = LN_EPS) -> torch.Tensor:
+    """F.layer_norm with the affine parameters `key`.weight and `key`.bias of the state dict."""
     return F.layer_norm(x, x.shape[-1:], state[key + ".weight"], state[key + ".bias"], eps=eps)
 
 
@@ -25,9 +26,9 @@ def embed(state: dict, images: torch.Tensor, patch_size: int) -> torch.Tensor:
     P = patch_size
     columns = F.unfold(images, kernel_size=P, stride=P)  # (B, C·P·P, L), ordered (c, p1, p2)
     x = columns.unflatten(1, (C, P, P)).permute(0, 4, 2, 3, 1).flatten(2)  # (B, L, P·P·C), (p1, p2, c)
-    x = _layer_norm(x, state, "to_patch_embedding.1")
+    x = layer_norm(x, state, "to_patch_embedding.1")
     x = F.linear(x, state["to_patch_embedding.2.weight"], state["to_patch_embedding.2.bias"])
-    x = _layer_norm(x, state, "to_patch_embedding.3")
+    x = layer_norm(x, state, "to_patch_embedding.3")
     dim = x.shape[-1]
     x = torch.cat([state["cls_token"].expand(B, 1, dim), x], dim=1)
     return x + state["pos_embedding"][:, : x.shape[1]]
@@ -47,7 +48,7 @@ def compress(
     has none), and LN₁ has ``eps`` (CRATE 1e-5, CRATE-α 1e-6)."""
     key = f"transformer.layers.{layer}.0."
     B, N, _ = x.shape
-    w = F.linear(_layer_norm(x, state, key + "norm", eps), state[key + "fn.qkv.weight"])
+    w = F.linear(layer_norm(x, state, key + "norm", eps), state[key + "fn.qkv.weight"])
     w = w.reshape(B, N, heads, -1).permute(0, 2, 1, 3)  # (B, K, N, p)
     if attention == "sdpa":
         o = F.scaled_dot_product_attention(w, w, w)
@@ -62,7 +63,7 @@ def compress(
 def ista_preactivation(state: dict, layer: int, z: torch.Tensor, eta=0.1, lam=0.1) -> torch.Tensor:
     """u + η(uW − uWᵀW) − ηλ with u = LN₂(z), the official three-matmul form (before the ReLU)."""
     key = f"transformer.layers.{layer}.1."
-    u = _layer_norm(z, state, key + "norm")
+    u = layer_norm(z, state, key + "norm")
     W = state[key + "fn.weight"]
     x1 = F.linear(u, W)  # u·Wᵀ
     return u + eta * (F.linear(u, W.T) - F.linear(x1, W.T)) - eta * lam
@@ -80,7 +81,7 @@ def sparsify(
 def head(state: dict, x: torch.Tensor, eps: float = LN_EPS, pool: str = "cls") -> torch.Tensor:
     """Logits from the last layer's output: LayerNorm (``eps``) and Linear on the cls token (``pool``
     "cls", as released) or on the mean of all tokens ("mean")."""
-    pooled = _layer_norm(x.mean(dim=1) if pool == "mean" else x[:, 0], state, "mlp_head.0", eps)
+    pooled = layer_norm(x.mean(dim=1) if pool == "mean" else x[:, 0], state, "mlp_head.0", eps)
     return F.linear(pooled, state["mlp_head.1.weight"], state["mlp_head.1.bias"])
 
 

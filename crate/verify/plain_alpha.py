@@ -46,7 +46,7 @@ def preactivations(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pre₁, pre₂), the arguments of the two ReLUs of the ODL block at u = LN₂(z), each (B, N, m)."""
     key = f"transformer.layers.{layer}.1."
-    u = plain._layer_norm(z, state, key + "norm", LN_EPS)
+    u = plain.layer_norm(z, state, key + "norm", LN_EPS)
     D = state[key + "fn.D"]
     pre1 = eta * (u @ D) - eta * lam
     a1 = F.relu(pre1)

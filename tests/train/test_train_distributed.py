@@ -75,6 +75,8 @@ def uninterrupted(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("uninterrupted")
     pair = run_python(*TORCHRUN, *ARGS, "--output", str(folder))
     assert pair.wait() == 0, pair.stdout.read()
+    gate = json.loads((folder / "verification.json").read_text())  # each rank checked its own device
+    assert gate["passed"] and [report["rank"] for report in gate["reports"]] == [0, 1]
     return _tensors(folder)
 
 

@@ -669,6 +669,90 @@ TARGETS = (
             ),
         ),
     ),
+    # the gate
+    Target(
+        "crate/verify/rule.py",
+        first=("test_rule.py", "test_gate.py"),
+        mutations=(
+            Mutation("gate: the rule allows 20 times the plain error", "FACTOR = 2 ", "FACTOR = 20 "),
+            Mutation(
+                "gate: the rule's slack without the reference's size",
+                "4 * self.u * (1 + self.reference_max)",
+                "4 * self.u",
+            ),
+            Mutation(
+                "gate: a NaN error holds",
+                "return self.fast <= self.bound",
+                "return not self.fast > self.bound",
+            ),
+        ),
+    ),
+    Target(
+        "crate/verify/gate.py",
+        first=("test_gate.py", "test_command.py"),
+        mutations=(
+            Mutation(
+                "gate: the inference path runs with gradients (the training kernels)",
+                "with torch.no_grad(), autocast(models.precision, device):",
+                "with autocast(models.precision, device):",
+            ),
+            Mutation(
+                "gate: the reference's construction draws from the run's random stream",
+                "with torch.random.fork_rng(devices=devices):",
+                "with contextlib.nullcontext():",
+            ),
+            Mutation("gate: the model left in eval mode", "model.train(training)", "model.eval()"),
+            Mutation(
+                "gate: drop-path's kept samples not rescaled in the expectation",
+                "expected = x64 + (ref_full - x64) / keep",
+                "expected = x64 + (ref_full - x64)",
+            ),
+            Mutation(
+                "gate: the head's parameters not checked",
+                '"head": ("mlp_head.",),',
+                '"head": ("no such parameter",),',
+            ),
+        ),
+    ),
+    Target(
+        "crate/verify/layers.py",
+        first=("test_gate.py", "test_fast_model.py"),
+        mutations=(
+            Mutation(
+                "gate: the layer's training run bypasses run_block",
+                "fast_out = run_block(block, fast_inputs[0])",
+                "fast_out = block(fast_inputs[0])",
+            ),
+            Mutation(
+                "gate: the layer's output errors not reported",
+                "errors(fast_out, plain_out, ref_out, models.u),\n        int(keep.sum())",
+                "errors(ref_out, ref_out, ref_out, models.u),\n        int(keep.sum())",
+            ),
+        ),
+    ),
+    Target(
+        "crate/train/verification.py",
+        first=("test_train_gate.py",),
+        mutations=(
+            Mutation("training: a failing gate does not stop the run", "    if failed:\n", "    if False:\n"),
+            Mutation(
+                "training: --skip-verify checks anyway",
+                "    if config.skip_verify:",
+                "    if config.skip_verify and False:",
+            ),
+        ),
+    ),
+    Target(
+        "crate/verify/command.py",
+        first=("test_command.py",),
+        mutations=(
+            Mutation(
+                "crate verify: a failure exits 0",
+                "raise SystemExit(EXIT_FAILED)",
+                "return report",
+            ),
+        ),
+    ),
     # evaluation
     Target(
         "crate/evaluate.py",

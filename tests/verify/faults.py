@@ -1,0 +1,68 @@
+"""Deliberately wrong fast paths, injected by monkeypatching the fast model's kernels (never by
+editing the package), that the gate must catch: each a (module, attribute, replacement) patch."""
+
+import torch.nn.functional as F
+
+from crate.models import alpha, layers, model
+
+
+def scale_off(original):
+    """The attention temperature 10% off: softmax(1.1·s·wwᵀ)w."""
+    return lambda w, scale, fused: original(w, 1.1 * scale, fused)
+
+
+def softmax_over_keys_axis(original):
+    """A training kernel whose softmax normalises columns instead of rows (the backward path only:
+    inference still runs SDPA)."""
+
+    def attention(w, scale):
+        return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-2) @ w
+
+    return attention
+
+
+def ista_in_bfloat16(original):
+    """ISTA's products in bfloat16 whatever the precision: a silent downcast."""
+
+    def step(u, W, eta, lam):
+        return original(u.bfloat16(), W.bfloat16(), eta, lam).to(u.dtype)
+
+    return step
+
+
+def odl_codes_in_bfloat16(original):
+    """CRATE-α's ODL steps in bfloat16 whatever the precision."""
+
+    def codes(self, u):
+        D = self.D.bfloat16()
+        threshold = self.eta * self.lam
+        a1 = F.relu(self.eta * (u.bfloat16() @ D) - threshold)
+        a2 = F.relu(a1 - self.eta * ((a1 @ D.T - u.bfloat16()) @ D) - threshold)
+        return a1.to(u.dtype), a2.to(u.dtype)
+
+    return codes
+
+
+def drop_path_unscaled(original):
+    """Drop-path that forgets to divide the surviving branches by the survival probability."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return x * x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(1 - self.probability)
+
+    return forward
+
+
+FAULTS = {
+    "attention scale off": (layers, "subspace_attention", scale_off),
+    "training softmax over the wrong axis": (layers, "symmetric_attention", softmax_over_keys_axis),
+    "ISTA downcast to bfloat16": (model, "ista_step", ista_in_bfloat16),
+    "ODL downcast to bfloat16": (alpha.ODL, "codes", odl_codes_in_bfloat16),
+    "drop-path unscaled": (layers.DropPath, "forward", drop_path_unscaled),
+}
+
+
+def inject(monkeypatch, name: str) -> None:
+    owner, attribute, fault = FAULTS[name]
+    monkeypatch.setattr(owner, attribute, fault(getattr(owner, attribute)))
