@@ -96,7 +96,7 @@ class Report:
         lines = [header + "  verdict"]
         for row in self.rows:
             e = row.errors
-            ratio = f"{e.ratio:6.2f}" if e.plain else "     -"
+            ratio = "     -" if not e.plain else (f"{e.ratio:6.2f}" if e.ratio < 1000 else f"{e.ratio:6.0e}")
             lines.append(
                 f"{row.path:<9} {row.part:<8} {row.quantity:<30} {e.fast:9.2e} {e.plain:9.2e} {ratio} "
                 f"{e.bound:9.2e}  {'ok' if row.holds else 'FAIL'}"

@@ -692,9 +692,9 @@ TARGETS = (
         first=("test_gate.py", "test_command.py"),
         mutations=(
             Mutation(
-                "gate: the inference path runs with gradients (the training kernels)",
-                "with torch.no_grad(), autocast(models.precision, device):",
-                "with autocast(models.precision, device):",
+                "gate: the inference model runs with gradients (the training kernels)",
+                "_model_errors(models, runners, images, grad=False)",
+                "_model_errors(models, runners, images, grad=True)",
             ),
             Mutation(
                 "gate: the reference's construction draws from the run's random stream",
