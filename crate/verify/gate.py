@@ -183,15 +183,21 @@ def _check(model, precision, images, batch, seed, compiled, paths) -> Report:
 
 @contextlib.contextmanager
 def _deterministic(model: nn.Module) -> Iterator[None]:
-    """Dropout and drop-path modules in eval mode (the identity), the rest as the caller left it."""
+    """Dropout and drop-path modules in eval mode (the identity), the rest as the caller left it; every
+    parameter differentiable, so that a frozen one's gradient is checked too (a --freeze run's)."""
     training = model.training
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
     try:
         for module in model.modules():
             if isinstance(module, nn.Dropout | DropPath):
                 module.eval()
+        for parameter in frozen:
+            parameter.requires_grad_(True)
         yield
     finally:
         model.train(training)
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
 
 def _inference_rows(models: Models, runners: Runners, images: torch.Tensor, states: list, seed: int) -> list:

@@ -157,6 +157,8 @@ def test_a_nan_anywhere_fails():
 
 def test_gate_leaves_model_and_random_state_as_found():
     model = _model(CRATE, drop_rate=0.2, drop_path_rate=0.3)
+    for parameter in model.blocks.parameters():  # frozen, as by --freeze: checked all the same
+        parameter.requires_grad_(False)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     rng = torch.get_rng_state()
     check_model(model, "float32")
@@ -164,6 +166,9 @@ def test_gate_leaves_model_and_random_state_as_found():
     assert model.training and all(module.training for module in model.modules())
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert all(parameter.grad is None for parameter in model.parameters())
+    assert [parameter.requires_grad for parameter in model.parameters()] == [
+        not name.startswith("blocks.") for name, _ in model.named_parameters()
+    ]
 
 
 def test_precision_must_match_the_weights():
