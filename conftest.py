@@ -1,4 +1,5 @@
-"""hypothesis profiles for tests/ and verification/.
+"""hypothesis profiles for tests/ and verification/, and verification/'s options --crate-device and
+--crate-model (verification/options.py).
 
 dev (default): random exploration. ci (chosen when CI is set): derandomized, fixed examples, no
 deadline, sized so `pytest verification/` stays under 5 minutes on 2 cores. thorough: 10× dev's
@@ -9,6 +10,8 @@ profile with HYPOTHESIS_PROFILE=<name>.
 import os
 
 from hypothesis import Phase, settings
+
+from verification import options
 
 DEV_EXAMPLES = 100
 
@@ -27,3 +30,15 @@ settings.register_profile(
     report_multiple_bugs=False,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser):
+    options.add_options(parser)
+
+
+def pytest_configure(config):
+    options.configure(config)
+
+
+def pytest_report_header(config):
+    return options.report_header()

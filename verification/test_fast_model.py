@@ -8,7 +8,9 @@ float64: max|fast − ref| <= 1e-10·(1 + max|ref|) (measured ~3e-15 for CRATE, 
 Low precision: the FlashAttention rule of verification/precision.py, with crate/verify/plain.py
 (explicit softmax, three-matmul ISTA) or crate/verify/plain_alpha.py (the released ODL code, explicit
 softmax) as the plain implementation. Each precision runs with fused (SDPA) and explicit attention;
-CUDA cases (TF32 off and on) run where a GPU is present and are skipped otherwise.
+CUDA cases (TF32 off and on) run where a GPU is present and are skipped otherwise. ``--crate-device``
+and ``--crate-model`` (verification/options.py) choose the device, and the layer shapes and family of
+the CRATE-T layer tests.
 
 The low-precision backward (docs/math.md §8.4): CRATE's layer output is its codes, so the reference's ReLU
 mask is imposed on the upstream gradient g entry by entry. CRATE-α's layer output z + a₂D₁ᵀ is dense,
@@ -41,11 +43,11 @@ import reference
 from crate import convert_official_state_dict
 from crate.models.model import ista_step
 from crate.verify import plain, plain_alpha
+from verification import options
 from verification.asserts import assert_close, assert_within, max_abs
 from verification.precision import (
     ALPHA_FAMILY,
     CRATE_FAMILY,
-    CRATE_T_LAYER,
     PRECISIONS,
     Family,
     LayerResult,
@@ -66,8 +68,8 @@ from verification.strategies import (
     seeds,
 )
 
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+DEVICES = [options.on_device(device, device) for device in options.devices()]
+LAYER = options.layer_shapes()  # CRATE-T's, or --crate-model's
 LOW_PRECISIONS = ["float32", "bfloat16", "float16", "bf16-autocast"]
 FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
 PEAKY = pytest.mark.parametrize("peaky", [False, True], ids=["soft", "peaky"])
@@ -105,6 +107,10 @@ ALPHA = Subject(
     plain_logits=lambda state, images, heads, patch_size: plain_alpha.logits(state, images, heads),
 )
 SUBJECTS = pytest.mark.parametrize("subject", [CRATE, ALPHA], ids=["crate", "alpha"])
+LAYER_SUBJECTS = pytest.mark.parametrize(
+    "subject",
+    [pytest.param(s, id=s.family.name) for s in (CRATE, ALPHA) if options.family() in (None, s.family.name)],
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -223,15 +229,20 @@ def test_fast_layers_follow_precision_rule(subject, precision, fused, data):
 
 
 def _crate_t_precisions():
-    cases = [(precision, "cpu") for precision in LOW_PRECISIONS]
-    cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-    return cases + [pytest.param(p, "cuda", marks=cuda) for p in [*LOW_PRECISIONS, "tf32"]]
+    """(precision, device) of the CRATE-T layer tests: TF32 is CUDA's only."""
+    cuda_precisions = [*LOW_PRECISIONS, "tf32"]
+    return [
+        options.on_device(device, precision, device)
+        for device in options.devices()
+        for precision in (cuda_precisions if device == "cuda" else LOW_PRECISIONS)
+    ]
 
 
 @functools.cache
 def _crate_t_layer(subject: Subject, precision: str, device: str, peaky: bool, fused: bool) -> LayerResult:
-    """The LayerResult at CRATE-T's layer shapes, shared by the rule and the non-zero-count tests."""
-    problem = subject.problem(**CRATE_T_LAYER, seed=0, peaky=peaky)
+    """The LayerResult at CRATE-T's (or --crate-model's) layer shapes, shared by the rule and the
+    non-zero-count tests."""
+    problem = subject.problem(**LAYER, seed=0, peaky=peaky)
     (result,) = layer_results(
         problem.state_dict(),
         problem.X,
@@ -240,13 +251,13 @@ def _crate_t_layer(subject: Subject, precision: str, device: str, peaky: bool, f
     return result
 
 
-@SUBJECTS
+@LAYER_SUBJECTS
 @pytest.mark.parametrize("precision, device", _crate_t_precisions())
 @PEAKY
 @FUSED
 def test_fast_layer_follows_precision_rule_at_crate_tiny_shapes(subject, precision, device, peaky, fused):
-    """B=2, N=197, d=384, K=6, p=64 (CRATE-α: m=1536): soft (default, released init) and peaky
-    (W_qkv × 4) attention."""
+    """B=2, N=197, d=384, K=6, p=64 (CRATE-α: m=1536), or --crate-model's layer: soft (default,
+    released init) and peaky (W_qkv × 4) attention."""
     result = _crate_t_layer(subject, precision, device, peaky, fused)
     u = PRECISIONS[precision][2]
     for name, fast, plain_result, ref in _compared(subject, result):
@@ -282,12 +293,16 @@ def test_ista_step_equals_released_block_in_float64_with_fewer_or_more_tokens_th
     assert_close(fast, expected, tolerance, f"ISTA with {batch * tokens} tokens, d = {dim}")
 
 
+@pytest.mark.skipif(options.family() == ALPHA_FAMILY.name, reason="--crate-model is a CRATE-α model")
+@pytest.mark.skipif(
+    LAYER["tokens"] >= LAYER["heads"] * LAYER["head_dim"], reason="--crate-model's layer has N >= d tokens"
+)
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
 @PEAKY
 def test_fast_layer_with_fewer_tokens_than_width_follows_precision_rule(precision, peaky):
-    """CRATE-T's layer at batch 1 (197 tokens < d = 384: ISTA's (u − uWᵀ)·ηW form), forward and the
-    gradients of every parameter and the input, as the batch-2 tests above."""
-    problem = CRATE.problem(**(CRATE_T_LAYER | dict(batch=1)), seed=0, peaky=peaky)
+    """CRATE-T's (or --crate-model's) layer at batch 1 (197 tokens < d = 384: ISTA's (u − uWᵀ)·ηW
+    form), forward and the gradients of every parameter and the input, as the batch-2 tests above."""
+    problem = CRATE.problem(**(LAYER | dict(batch=1)), seed=0, peaky=peaky)
     kwargs = problem_kwargs(problem, CRATE.family, True, "cpu", precision=precision)
     (result,) = layer_results(problem.state_dict(), problem.X, **kwargs)
     u = PRECISIONS[precision][2]
@@ -297,7 +312,7 @@ def test_fast_layer_with_fewer_tokens_than_width_follows_precision_rule(precisio
         _assert_rule(gradient, f"gradient of {name}")
 
 
-@SUBJECTS
+@LAYER_SUBJECTS
 @pytest.mark.parametrize("precision, device", _crate_t_precisions())
 @PEAKY
 @FUSED
@@ -336,17 +351,18 @@ def test_fast_model_logits_follow_precision_rule(subject, precision, device, fus
     _assert_rule(errors(fast, baseline, expected, u), "logits")
 
 
-@SUBJECTS
+@LAYER_SUBJECTS
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
 @pytest.mark.parametrize("device", DEVICES)
 @PEAKY
 @FUSED
 def test_fast_layer_gradients_follow_precision_rule(subject, precision, device, peaky, fused):
     """∇ of ⟨layer output, g⟩ w.r.t. the input and every parameter of the layer, at CRATE-T's layer
-    shapes (CRATE-α: m = 4d), g zeroed where fast, plain or reference put a code on another side of its
-    ReLU: entry-wise for CRATE (the reference's ReLU mask, docs/math.md §8.4), on every token with such a
-    code of a₁ or a₂ for CRATE-α (module docstring); at least one entry or token must keep its g."""
-    problem = subject.problem(**CRATE_T_LAYER, seed=0, peaky=peaky)
+    shapes (CRATE-α: m = 4d) or --crate-model's, g zeroed where fast, plain or reference put a code on
+    another side of its ReLU: entry-wise for CRATE (the reference's ReLU mask, docs/math.md §8.4), on
+    every token with such a code of a₁ or a₂ for CRATE-α (module docstring); at least one entry or token
+    must keep its g."""
+    problem = subject.problem(**LAYER, seed=0, peaky=peaky)
     check = layer_gradient_check(
         problem.state_dict(),
         problem.X,

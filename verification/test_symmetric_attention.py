@@ -5,7 +5,9 @@ float64: equal to autograd forward and backward (an identity: the symmetric back
 rule with the query and key gradients summed), and torch.autograd.gradcheck. Low precision: the
 FlashAttention rule of docs/math.md §8, forward and backward, soft and peaky attention, against the
 explicit path in the same precision. A negative control shows that the rule detects the cheaper
-correction rowsum(dO ∘ O) that crate/models/attention.py explains it does not use.
+correction rowsum(dO ∘ O) that crate/models/attention.py explains it does not use. The low-precision
+tests run at CRATE-T's head shapes, or --crate-model's (the negative control at CRATE-T's), on
+--crate-device's device (verification/options.py).
 """
 
 import math
@@ -16,10 +18,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from crate.models.attention import symmetric_attention
+from verification import options
 from verification.asserts import assert_close, max_abs
-from verification.precision import PRECISIONS, autocast, errors
+from verification.precision import CRATE_T_LAYER, PRECISIONS, autocast, errors
 from verification.strategies import log_uniform, seeds
-from verification.test_fast_model import DEVICES, LOW_PRECISIONS
+from verification.test_fast_model import DEVICES, LAYER, LOW_PRECISIONS
 
 
 def explicit(w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,23 +69,27 @@ def test_symmetric_attention_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda w: symmetric_attention(w, 0.7), (w,))
 
 
-def crate_t_heads(peaky: bool, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Head tokens at CRATE-T's shapes (B=2, K=6, N=197, p=64): W = LN(Z)·U with the released init's
-    U ~ U(±1/√d), d = 384, so entries have variance 1/3 (soft); peaky: U × 4 as the suite's
+def head_tokens(
+    layer: dict, peaky: bool, device: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Head tokens at a layer's shapes (CRATE-T's: B=2, K=6, N=197, p=64, d = 384): W = LN(Z)·U with the
+    released init's U ~ U(±1/√d), so entries have variance 1/3 (soft); peaky: U × 4 as the suite's
     OfficialProblem. Returns W, an upstream gradient, and the scale p^{-½}."""
+    batch, tokens, heads, head_dim = (layer[key] for key in ("batch", "tokens", "heads", "head_dim"))
+    dim = heads * head_dim
     generator = torch.Generator().manual_seed(seed)
-    y = torch.randn(2, 197, 384, generator=generator, dtype=torch.float64)
-    u = (torch.rand(384, 6 * 64, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(384)
-    w = (y @ (4 * u if peaky else u)).reshape(2, 197, 6, 64).transpose(1, 2)
+    y = torch.randn(batch, tokens, dim, generator=generator, dtype=torch.float64)
+    u = (torch.rand(dim, dim, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(dim)
+    w = (y @ (4 * u if peaky else u)).reshape(batch, tokens, heads, head_dim).transpose(1, 2)
     upstream = torch.randn(w.shape, generator=generator, dtype=torch.float64)
-    return w.to(device), upstream.to(device), 64**-0.5
+    return w.to(device), upstream.to(device), head_dim**-0.5
 
 
-def rule_errors(attention, precision: str, peaky: bool, device: str):
+def rule_errors(attention, precision: str, peaky: bool, device: str, layer: dict = LAYER):
     """(forward, backward) Errors of ``attention`` against float64 on the same rounded inputs, with
-    the explicit path in the same precision as the plain baseline."""
+    the explicit path in the same precision as the plain baseline, at ``layer``'s head shapes."""
     dtype, _, u = PRECISIONS[precision]
-    w, upstream, scale = crate_t_heads(peaky, device)
+    w, upstream, scale = head_tokens(layer, peaky, device)
     w, upstream = w.to(dtype), upstream.to(dtype)
     ref_out, ref_grad = output_and_gradient(explicit, w.double(), scale, upstream.double())
     with autocast(precision, device):
@@ -124,8 +131,10 @@ class OutputCorrection(torch.autograd.Function):
 def test_precision_rule_detects_the_output_correction():
     """Negative control: with peaky bf16 attention the correction from the rounded O loses the
     cancellation dP_ii − rowsum that P ∘ (dP − rowsum(dP ∘ P)) keeps (measured here 15.6× the plain
-    error, the rule's bound 2×)."""
-    _, backward = rule_errors(OutputCorrection.apply, "bfloat16", peaky=True, device="cpu")
+    error, the rule's bound 2×). At CRATE-T's shapes, where that was measured, whatever --crate-model."""
+    _, backward = rule_errors(
+        OutputCorrection.apply, "bfloat16", peaky=True, device="cpu", layer=CRATE_T_LAYER
+    )
     print(backward)
     assert not backward.holds, f"the rule no longer detects the cheaper correction: {backward}"
 
@@ -153,7 +162,7 @@ def test_symmetric_attention_saves_only_w_and_p(dtype):
     assert fast <= saved_bytes(lambda w: explicit(w, 0.125), w)
 
 
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_ONLY = options.needs_cuda()
 SDPA_BACKENDS = {
     "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
     "memory-efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
