@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 import reference
 from crate import convert_official_state_dict
 from crate.models.model import ista_step
-from crate.verify import plain, plain_alpha
+from crate.verify import gate, plain, plain_alpha
 from verification import options
 from verification.asserts import assert_close, assert_within, max_abs
 from verification.precision import (
@@ -362,12 +362,15 @@ def test_fast_layer_gradients_follow_precision_rule(subject, precision, device, 
     another side of its ReLU: entry-wise for CRATE (the reference's ReLU mask, docs/math.md §8.4), on
     every token with such a code of a₁ or a₂ for CRATE-α (module docstring); at least one entry or token
     must keep its g."""
-    problem = subject.problem(**LAYER, seed=0, peaky=peaky)
-    check = layer_gradient_check(
-        problem.state_dict(),
-        problem.X,
-        **problem_kwargs(problem, subject.family, fused, device, precision=precision),
-    )
+
+    def gradients(batch: int):
+        problem = subject.problem(**LAYER | dict(batch=batch), seed=0, peaky=peaky)
+        kwargs = problem_kwargs(problem, subject.family, fused, device, precision=precision)
+        return layer_gradient_check(problem.state_dict(), problem.X, **kwargs)
+
+    check = gradients(LAYER["batch"])
+    if check.kept < gate.MIN_KEPT:  # as the gate does: WIDER times the images (CRATE-α-B's width)
+        check = gradients(gate.WIDER * LAYER["batch"])
     kept = "tokens" if subject.family.token_mask else "entries"
     print(f"{kept} with a non-zero upstream gradient: {check.kept} of {check.total}")
     assert check.kept >= 1, f"every one of the {kept} has a ReLU flip: the backward is not tested"

@@ -8,6 +8,7 @@ and ISTA/ODL (each fed the reference's input of that layer, so errors do not com
 the head, and the whole model from images to logits (the compiled model, when compiled, too)."""
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -91,14 +92,14 @@ class Report:
 
     def table(self) -> str:
         header = (
-            f"{'path':<9} {'part':<8} {'quantity':<30} {'error':>9} {'plain':>9} {'ratio':>6} {'bound':>9}"
+            f"{'path':<9} {'part':<8} {'quantity':<40} {'error':>9} {'plain':>9} {'ratio':>6} {'bound':>9}"
         )
         lines = [header + "  verdict"]
         for row in self.rows:
             e = row.errors
             ratio = "     -" if not e.plain else (f"{e.ratio:6.2f}" if e.ratio < 1000 else f"{e.ratio:6.0e}")
             lines.append(
-                f"{row.path:<9} {row.part:<8} {row.quantity:<30} {e.fast:9.2e} {e.plain:9.2e} {ratio} "
+                f"{row.path:<9} {row.part:<8} {row.quantity:<40} {e.fast:9.2e} {e.plain:9.2e} {ratio} "
                 f"{e.bound:9.2e}  {'ok' if row.holds else 'FAIL'}"
             )
         return "\n".join(lines)
@@ -257,13 +258,17 @@ def _train_rows(models: Models, runners: Runners, images: torch.Tensor, states: 
         ref=lambda x: models.reference.embed(x),
         seed=seed,
     )
+    wider = _WiderStates(models, images, seed)
     for layer, state in enumerate(states):
         check = layer_gradient_check(
             models, state.input, layer, seed=seed + layer, run_block=runners.train_block
         )
-        part = f"layer {layer}"
-        rows.append((part, "output", check.output))
-        rows += [(part, f"grad {name.split(f'layers.{layer}.')[-1]}", e) for name, e in check.errors.items()]
+        if check.kept < MIN_KEPT:  # ReLU flips masked most of the upstream gradient: more images
+            layer_input = wider.states()[layer].input
+            check = layer_gradient_check(
+                models, layer_input, layer, seed=seed + layer, run_block=runners.train_block
+            )
+        rows += _layer_gradient_rows(layer, check, models.family.token_mask, models.u)
     rows += _part_rows(
         models,
         "head",
@@ -276,6 +281,44 @@ def _train_rows(models: Models, runners: Runners, images: torch.Tensor, states: 
     )
     rows.append(("model", "output", _model_errors(models, runners, images, grad=True)))
     return rows + _drop_path_rows(models, states, seed)
+
+
+MIN_KEPT = 16  # tokens (CRATE-α) or entries (CRATE) whose upstream gradient survives the ReLU-flip mask
+WIDER = 8  # the images of a layer's second try, as a multiple of the first's
+
+
+class _WiderStates:
+    """The reference's layer states of WIDER times the images (the given ones, then seeded standard
+    normal ones), computed once when a layer's backward first needs them."""
+
+    def __init__(self, models: Models, images: torch.Tensor, seed: int):
+        self.models, self.images, self.seed, self._states = models, images, seed, None
+
+    def states(self) -> list:
+        if self._states is None:
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            shape = ((WIDER - 1) * self.images.shape[0], *self.images.shape[1:])
+            more = torch.randn(shape, generator=generator, dtype=torch.float64).to(self.models.dtype)
+            images = torch.cat([self.images, more]).double()
+            self._states = reference_states(self.models, self.models.reference.embed(images))
+        return self._states
+
+
+def _layer_gradient_rows(layer: int, check, token_mask: bool, u: float) -> list:
+    """A layer's rows: its output, then its input's gradient (with how much of the upstream gradient
+    the ReLU-flip mask kept) and each parameter's. With nothing kept the backward was not tested: a
+    failing row says so instead of vacuous zeros."""
+    part, unit = f"layer {layer}", "tokens" if token_mask else "entries"
+    rows = [(part, "output", check.output)]
+    if check.kept == 0:
+        untested = Errors(math.inf, 0.0, 0.0, u)
+        return [*rows, (part, f"grad: all {check.total} {unit} have a ReLU flip, untested", untested)]
+    for name, e in check.errors.items():
+        label = name.split(f"layers.{layer}.")[-1]
+        if label == "input":
+            label += f" ({check.kept} of {check.total} {unit} kept)"
+        rows.append((part, f"grad {label}", e))
+    return rows
 
 
 def _drop_path_rows(models: Models, states: list, seed: int) -> list:

@@ -13,7 +13,7 @@ from crate.verify.command import main
 from tests.helpers import FAST, released_alpha_pth
 from tests.verify.faults import inject
 
-COLUMNS = "path      part     quantity                           error     plain  ratio     bound  verdict"
+COLUMNS = "path      part     quantity" + " " * 37 + "error     plain  ratio     bound  verdict"
 
 
 def _verify(*args: str) -> int:

@@ -59,7 +59,8 @@ def test_every_parameter_and_the_input_gradient_are_checked(model_class):
         else:
             expected.add(("head" if name.startswith("mlp_head") else "embed", f"grad {name}"))
     expected |= {(part, "grad input") for part in ("layer 0", "layer 1", "head")}
-    checked = {(row.part, row.quantity) for row in check_model(model, "float32").rows if row.path == "train"}
+    rows = check_model(model, "float32").rows
+    checked = {(row.part, row.quantity.split(" (")[0]) for row in rows if row.path == "train"}
     assert expected == {pair for pair in checked if pair[1].startswith("grad")}
 
 
@@ -202,3 +203,34 @@ def test_training_precision_of_this_cpu_passes():
     from crate.verify.command import default_precision
 
     assert default_precision(torch.device("cpu")) == "bf16-autocast"
+
+
+def test_a_masked_out_backward_is_checked_on_more_images(monkeypatch):
+    """Where the ReLU-flip mask keeps fewer than MIN_KEPT tokens, the layer's backward is checked again
+    on WIDER times the images (CRATE-α-B in bf16 keeps 1 to 8 of 394 tokens on 2 images)."""
+    from crate.verify import gate
+
+    monkeypatch.setattr(gate, "MIN_KEPT", 10**9)
+    report = check_model(_model(CRATEAlpha), "float32")
+    inputs = [
+        row.quantity for row in report.rows if row.part.startswith("layer") and "grad input" in row.quantity
+    ]
+    tokens = 2 * (SMALL["img_size"] // SMALL["patch_size"]) ** 2 + 2
+    assert inputs == [f"grad input ({gate.WIDER * tokens} of {gate.WIDER * tokens} tokens kept)"] * 2
+    assert report.passed, report.table()
+
+
+def test_a_backward_masked_out_entirely_fails_as_untested(monkeypatch):
+    """Nothing kept, even on more images: not a vacuous pass of zeros, a failing row that says why."""
+    from crate.verify import gate
+
+    def nothing_kept(*args, **kwargs):
+        check = original(*args, **kwargs)
+        return type(check)({}, check.output, kept=0, total=check.total)
+
+    original = gate.layer_gradient_check
+    monkeypatch.setattr(gate, "layer_gradient_check", nothing_kept)
+    report = check_model(_model(CRATE), "float32")
+    assert not report.passed
+    entries = gate.WIDER * 2 * ((SMALL["img_size"] // SMALL["patch_size"]) ** 2 + 1) * SMALL["dim"]
+    assert report.first_violation.quantity == f"grad: all {entries} entries have a ReLU flip, untested"
