@@ -9,8 +9,8 @@ import logging
 import torch.distributed as dist
 
 from ..verify import EXIT_FAILED, check_model
-from ..verify.command import default_precision
 from ..verify.families import model_family
+from ..verify.rule import default_precision
 from .setup import Run
 
 log = logging.getLogger("crate.train")

@@ -24,17 +24,13 @@ import timm
 import torch
 from timm.models import split_model_name_tag
 
-from ..runtime import default_device, uses_bf16
+from ..runtime import default_device
 from ..weights import sources
 from . import rule
 from .gate import EXIT_FAILED, Report, check_model
+from .rule import default_precision
 
 PRECISIONS = {"float32": "float32", "bf16": "bfloat16", "fp16": "float16", "bf16-autocast": "bf16-autocast"}
-
-
-def default_precision(device: torch.device, amp: bool = True) -> str:
-    """The precision a training run on ``device`` uses (crate/runtime.py): bf16 autocast or float32."""
-    return "bf16-autocast" if uses_bf16(device, amp) else "float32"
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:

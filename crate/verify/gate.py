@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..models.layers import DropPath
-from ..models.released import convert_official_state_dict
 from .layers import Models, layer_gradient_check, layer_results, models_from_model, reference_states
 from .rule import Errors, autocast, errors
 
@@ -376,12 +375,9 @@ def _part_rows(models: Models, part: str, inputs, *, fast, plain, ref, seed: int
     have no ReLU, so g needs no mask."""
     low, device, u = models.low, models.device, models.u
     names = [key for key in low if key.startswith(_PARAMETERS[part])]
-    fast_names = dict(zip(low, convert_official_state_dict(low), strict=True))
     x = inputs.to(models.dtype)
     ref_inputs = [x.double().requires_grad_(with_input)] + [models.reference.get_parameter(n) for n in names]
-    fast_inputs = [x.to(device).requires_grad_(with_input)] + [
-        models.fast.get_parameter(fast_names[n]) for n in names
-    ]
+    fast_inputs = [x.to(device).requires_grad_(with_input)] + [models.fast_parameter(n) for n in names]
     plain_inputs = [x.to(device).requires_grad_(with_input)] + [
         low[n].detach().requires_grad_(True) for n in names
     ]

@@ -2,6 +2,7 @@
 precision and the float64 reference, each layer fed the reference's input of that layer (so errors do
 not compound), forward (``layer_results``) and backward (``layer_gradient_check``)."""
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,6 +37,14 @@ class Models:
     @property
     def u(self) -> float:
         return PRECISIONS[self.precision][2]
+
+    @functools.cached_property
+    def _fast_names(self) -> dict[str, str]:
+        return dict(zip(self.low, convert_official_state_dict(self.low), strict=True))
+
+    def fast_parameter(self, name: str) -> nn.Parameter:
+        """The fast model's parameter of a released-layout name."""
+        return self.fast.get_parameter(self._fast_names[name])
 
 
 def models_from_state(
@@ -193,16 +202,13 @@ def layer_gradient_check(
     x = x.to(models.dtype)
     prefix = f"transformer.layers.{layer}."
     names = [key for key in low if key.startswith(prefix)]
-    fast_names = dict(zip(low, convert_official_state_dict(low), strict=True))
 
     ref_inputs = [x.double().requires_grad_(True)] + [models.reference.get_parameter(name) for name in names]
     ref_layer = models.reference.transformer.layers[layer]
     ref_half = ref_inputs[0] + ref_layer[0](ref_inputs[0])
     ref_out = family.reference_sparsify(ref_layer, ref_half)
 
-    fast_inputs = [x.to(device).requires_grad_(True)] + [
-        models.fast.get_parameter(fast_names[name]) for name in names
-    ]
+    fast_inputs = [x.to(device).requires_grad_(True)] + [models.fast_parameter(name) for name in names]
     plain_inputs = [x.to(device).requires_grad_(True)] + [
         low[name].detach().requires_grad_(True) for name in names
     ]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime import uses_bf16
+
 # name: (dtype of tensors, autocast dtype or None, unit roundoff u); "tf32" is float32 with TF32
 # matmuls allowed (CUDA only; 10-bit mantissa)
 PRECISIONS = {
@@ -51,6 +53,11 @@ class Errors:
         return (
             f"fast {self.fast:.3e}, plain {self.plain:.3e} (ratio {self.ratio:.2f}), bound {self.bound:.3e}"
         )
+
+
+def default_precision(device: torch.device, amp: bool = True) -> str:
+    """The precision a training run on ``device`` uses (crate/runtime.py): bf16 autocast or float32."""
+    return "bf16-autocast" if uses_bf16(device, amp) else "float32"
 
 
 def errors(fast: torch.Tensor, plain_result: torch.Tensor, ref: torch.Tensor, u: float) -> Errors:

@@ -199,8 +199,8 @@ def test_compiled_model_is_checked_through_torch_compile(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="the CPU has no native bf16")
-def test_training_precision_of_this_cpu_passes():
-    from crate.verify.command import default_precision
+def test_a_cpu_with_native_bf16_checks_in_bf16_autocast_as_its_runs_train():
+    from crate.verify.rule import default_precision
 
     assert default_precision(torch.device("cpu")) == "bf16-autocast"
 
