@@ -11,15 +11,15 @@ state dict in a released layout (Ma-Lab-Berkeley/CRATE or UCSC-VLAA/CRATE-alpha 
 Writes audit.json, audit.md, layers.png and attention.png and prints the table.
 """
 
-import argparse
 from pathlib import Path
 
 import timm
 import timm.data
 import torch
 
-from . import analysis
+from . import analysis, errors
 from .data import FashionMNIST
+from .errors import InvalidError, MissingError
 from .weights import sources
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -30,7 +30,7 @@ def load_model(path: Path, model_name: str | None = None) -> tuple[torch.nn.Modu
     source = sources.read_source(path)
     name = model_name or source.model_name
     if name is None:
-        raise ValueError(f"{path} comes with no config.json: name the architecture with --model")
+        raise InvalidError(f"{path} comes with no config.json: name the architecture with --model")
     _check_family(source.state, name, path)
     return sources.build_model(source, name)
 
@@ -43,12 +43,12 @@ def _check_family(state: dict, model_name: str, path: Path) -> None:
         return
     is_alpha = model_name.startswith("crate_alpha_")
     if any(".odl." in key for key in state) and not is_alpha:
-        raise ValueError(
+        raise InvalidError(
             f"{path} holds CRATE-α weights (ODL dictionaries D, D1), but --model {model_name} is a CRATE; "
             "name a crate_alpha_* model of the checkpoint's size (e.g. crate_alpha_base_patch16_224)"
         )
     if any(".ista." in key for key in state) and is_alpha:
-        raise ValueError(
+        raise InvalidError(
             f"{path} holds CRATE weights (ISTA dictionaries), but --model {model_name} is a CRATE-α; "
             "name a crate_* model of the checkpoint's size (e.g. crate_base_patch16_224)"
         )
@@ -63,7 +63,7 @@ def load_images(data: str, model: torch.nn.Module, count: int) -> torch.Tensor:
     folder = Path(data)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+        raise MissingError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     from PIL import Image
 
     config = timm.data.resolve_data_config({}, model=model)
@@ -72,8 +72,9 @@ def load_images(data: str, model: torch.nn.Module, count: int) -> torch.Tensor:
     return torch.stack([transform(Image.open(p).convert(mode)) for p in paths[:count]])
 
 
+@errors.command("crate audit")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="crate audit", description=__doc__.splitlines()[0])
+    parser = errors.Parser(prog="crate audit", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--model", help="timm model name (read from the run's config.json when present)")
     parser.add_argument("--data", default="fashion-mnist", help='"fashion-mnist" or a folder of images')

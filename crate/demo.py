@@ -14,7 +14,6 @@ It prints first the precision it trains in and its estimated training time on th
 Any other option goes to `crate train` (e.g. ``--epochs 1 --train-subset 512`` for a quick look).
 """
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -23,15 +22,16 @@ from pathlib import Path
 
 import torch
 
-from . import analysis
+from . import analysis, errors
 from .audit import load_images, load_model
 from .runtime import autocast, default_device, keep_freed_memory, uses_bf16
 from .train import TrainConfig, build_model, resolve_config, train
 from .train.setup import dataset_classes, make_loss, open_datasets
 
 
+@errors.command("python -m crate.demo")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = errors.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=TrainConfig.model)
     parser.add_argument("--output", default=None, help="run folder (default runs/demo-<model>)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the run is complete")

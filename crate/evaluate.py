@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import data
+from . import data, errors
+from .errors import InvalidError
 from .runtime import autocast, default_device, precision_name
 from .weights import sources
 
@@ -58,7 +59,7 @@ def measure(model, loader, device, autocast, progress: bool = False) -> dict:
         dist.all_reduce(counts)
     correct1, correct5, total, loss = counts.tolist()
     if not total:
-        raise ValueError("the evaluation set yielded no images")
+        raise InvalidError("the evaluation set yielded no images")
     return dict(
         top1=100 * correct1 / total,
         top5=100 * correct5 / total,
@@ -98,7 +99,7 @@ def evaluate_source(
     evaluation = open_evaluation_split(dataset, data_root, split, download)
     classes = data.class_count(evaluation)
     if classes is not None and classes > model.num_classes:
-        raise ValueError(
+        raise InvalidError(
             f"{dataset} has {classes} classes, but {name} predicts {model.num_classes}: evaluate a model "
             "trained on this dataset's classes (crate train --finetune SOURCE --dataset ... makes one)"
         )
@@ -123,8 +124,9 @@ def evaluate_source(
     )
 
 
+@errors.command("crate eval")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="crate eval", description=__doc__.splitlines()[0])
+    parser = errors.Parser(prog="crate eval", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run folder, checkpoint folder, weights file or timm model name")
     parser.add_argument("--data", required=True, help="dataset name or a folder of class sub-folders")
     parser.add_argument("--data-root", help="where a named dataset lives (default data/<name>)")

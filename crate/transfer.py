@@ -21,14 +21,15 @@ Writes results.json (every run), transfer.md (mean ± std top-1 per method and l
 transfer.png (top-1 against labels per class) into --output.
 """
 
-import argparse
 import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import errors
 from .data import Digits
+from .errors import MissingError
 from .train import resolve_config, train
 from .weights.sources import source_model_name
 
@@ -86,7 +87,7 @@ def run_config(run: Run, source: str, steps: int, output: Path, model: str, lr: 
 def _model_of(source: str) -> str:
     model = source_model_name(source)
     if model is None:
-        raise FileNotFoundError(
+        raise MissingError(
             f"--source {source}: no run folder with a config.json there; train the demo model first "
             "(make demo) or pass --source with a run folder of a 28×28 grayscale model"
         )
@@ -179,8 +180,9 @@ def plot(summary: dict, path: Path) -> Path:
     return path
 
 
+@errors.command("python -m crate.transfer")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = errors.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="runs/demo-crate_mini_patch7_28", help="the trained run folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labels", type=int, nargs="+", default=[10, 50, 0], help="per class (0: all)")

@@ -9,10 +9,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from crate.cli import main as cli
 from crate.data import Digits
 from crate.evaluate import evaluate_source
 from crate.weights import checkpoint
+from crate_cli import main as cli
 
 
 def _constant_classifier(tmp_path, name: str):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import InvalidError, MissingError
+
 FASHION_MNIST_DEFAULT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "CRATE_FASHION_MNIST"
 FASHION_MNIST_FILES = {
@@ -43,16 +45,18 @@ def read_idx(path: str | Path) -> np.ndarray:
         with opener(path, "rb") as handle:
             data = handle.read()
     except (OSError, EOFError) as error:
-        raise ValueError(f"cannot read IDX file {path}: {error}") from error
+        raise InvalidError(f"cannot read IDX file {path}: {error}") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+        raise InvalidError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
     ndim = data[3]
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"{path} is truncated or corrupt: {len(data)} bytes, the header implies {expected}")
+        raise InvalidError(
+            f"{path} is truncated or corrupt: {len(data)} bytes, the header implies {expected}"
+        )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -67,7 +71,7 @@ def fashion_mnist_root(root: str | Path | None = None) -> Path:
     for folder in candidates:
         if _idx_path(folder, FASHION_MNIST_FILES["train"][0]) is not None:
             return folder
-    raise FileNotFoundError(
+    raise MissingError(
         f"Fashion-MNIST not found in {', '.join(map(str, candidates))}. Install it with "
         "'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or point --data or "
         f"${FASHION_MNIST_ENV} at a folder with the four IDX files (train-images-idx3-ubyte[.gz], ...)"
@@ -135,15 +139,15 @@ class FashionMNIST(InMemoryImages):
 
     def __init__(self, root: str | Path | None = None, split: str = "train", **options):
         if split not in FASHION_MNIST_FILES:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise InvalidError(f"split must be 'train' or 'test', got {split!r}")
         folder = fashion_mnist_root(root)
         paths = [_idx_path(folder, stem) for stem in FASHION_MNIST_FILES[split]]
         missing = [stem for stem, path in zip(FASHION_MNIST_FILES[split], paths, strict=True) if path is None]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks {missing}")
+            raise MissingError(f"{folder} lacks {missing}")
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+            raise InvalidError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
         images = torch.from_numpy(images.copy()).unsqueeze(1)  # (n, 1, 28, 28) uint8
         super().__init__(images, torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES, **options)
 
@@ -162,7 +166,7 @@ class Digits(InMemoryImages):
 
     def __init__(self, split: str = "train", labels_per_class: int = 0, subset_seed: int = 0, **options):
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise InvalidError(f"split must be 'train' or 'test', got {split!r}")
         try:
             from sklearn.datasets import load_digits
         except ImportError as error:
@@ -196,7 +200,7 @@ def _per_class(targets: torch.Tensor, indices: torch.Tensor, count: int, seed: i
     for label in range(10):
         members = indices[targets[indices] == label]
         if count > len(members):
-            raise ValueError(
+            raise InvalidError(
                 f"labels_per_class={count}, but class {label} has {len(members)} training images"
             )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])

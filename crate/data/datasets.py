@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..errors import InvalidError, MissingError
 from .builtin import Digits, FashionMNIST
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,12 @@ def open_dataset(
     except (RuntimeError, FileNotFoundError, OSError, AssertionError) as error:
         if download:
             raise
-        raise FileNotFoundError(
+        raise MissingError(
             f"dataset {name!r} ({split}) not found under {root}: {type(error).__name__}: {error}. "
             f"Pass --download to fetch it into {root}, or --data with the folder that holds it"
         ) from error
     known = ", ".join(["fashion-mnist", "digits", "imagenet", "folder", *TORCHVISION_DATASETS])
-    raise ValueError(
+    raise InvalidError(
         f"unknown dataset {name!r}: use one of {known}, or a timm name ({', '.join(TIMM_PREFIXES)}...)"
     )
 
@@ -150,11 +151,11 @@ def open_split(
             labels_per_class = 0  # the few-label settings thin the training split only
         return Digits("train" if is_train else "test", labels_per_class, subset_seed=seed)
     if labels_per_class:
-        raise ValueError(f"labels_per_class is for the digits dataset, not {name!r}")
+        raise InvalidError(f"labels_per_class is for the digits dataset, not {name!r}")
     if name == "imagenet":
         folder = Path(root or "") / ("train" if is_train else "val")
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"ImageNet not found: {folder} is not a folder. Pass --data with a folder holding train/ and "
                 "val/ in torchvision's ImageFolder layout (one sub-folder per class)"
             )

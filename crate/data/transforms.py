@@ -9,6 +9,7 @@ import timm.data
 from PIL import Image
 from timm.data import auto_augment as auto_augment_module
 
+from ..errors import InvalidError
 from .builtin import InMemoryImages
 
 
@@ -77,7 +78,7 @@ def _torchvision_rand_augment(policy: str):
 
     match = re.fullmatch(r"tv-rand-n(\d+)-m(\d+)", policy)
     if match is None:
-        raise ValueError(
+        raise InvalidError(
             f'--auto-augment {policy!r}: expected "tv-rand-n<ops>-m<magnitude>", e.g. "tv-rand-n2-m14"'
         )
     return transforms.RandAugment(num_ops=int(match[1]), magnitude=int(match[2]))
@@ -98,7 +99,7 @@ def prepare(dataset, transform, mean: tuple[float, ...], std: tuple[float, ...],
     mean and std; image datasets get ``transform``, after a conversion to the model's colour mode."""
     if isinstance(dataset, InMemoryImages):
         if channels != 1:
-            raise ValueError(
+            raise InvalidError(
                 f"{type(dataset).__name__} has 1-channel images; the model reads {channels} channels"
             )
         dataset.mean, dataset.std = float(mean[0]), float(std[0])

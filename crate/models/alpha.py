@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidError
 from .layers import MSSA, DropPath
 from .model import CRATE, GRAYSCALE_28, IMAGENET_224, CRATEConfig
 
@@ -100,7 +101,7 @@ class CRATEAlphaConfig(CRATEConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.dictionary_ratio < 1:
-            raise ValueError(
+            raise InvalidError(
                 f"invalid CRATE configuration: dictionary_ratio must be >= 1, got {self.dictionary_ratio}"
             )
 

@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
+from ..errors import MissingError
 from .alpha import ALPHA_VARIANTS, HUB_ID, IN21K_CLASSES, IN21K_FOLDER, PRETRAINED, CRATEAlpha
 from .model import CRATE, IMAGENET_MEAN, IMAGENET_STD, VARIANTS
 from .released import convert_official_state_dict
@@ -161,7 +162,7 @@ def _with_hub_file(variant: str, kwargs: dict) -> dict:
         and path.endswith(".pth")
     )
     if len(candidates) != 1:
-        raise FileNotFoundError(
+        raise MissingError(
             f"{variant}.{cfg.tag}: expected one file {IN21K_FOLDER}{prefix}*.pth in {HUB_ID} ({source}), "
             f"found {candidates or 'none'}; name it with "
             "pretrained_cfg_overlay=dict(hf_hub_filename=...) or load a local copy with "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidError
 from .layers import MSSA, NORM_EPS, DropPath, PatchEmbed, pair
 from .recompute import in_eager_autograd, norm_outputs_recomputed
 
@@ -120,7 +121,7 @@ class CRATEConfig:
         if min(self.dim, self.depth, self.heads, self.patch_size, self.in_chans) < 1 or self.num_classes < 0:
             problems.append("dim, depth, heads, patch_size and in_chans must be >= 1, num_classes >= 0")
         if problems:
-            raise ValueError("invalid CRATE configuration: " + "; ".join(problems))
+            raise InvalidError("invalid CRATE configuration: " + "; ".join(problems))
 
     def with_overrides(self, **overrides):
         """This configuration with ``overrides``, in its own names or timm's (embed_dim, num_heads,
@@ -132,7 +133,7 @@ class CRATEConfig:
             raise TypeError(f"{family} got unexpected arguments {sorted(unknown)}")
         if "pool" in overrides:
             if overrides["pool"] not in _TIMM_POOLS:
-                raise ValueError(
+                raise InvalidError(
                     f"global_pool must be one of {sorted(_TIMM_POOLS)}, got {overrides['pool']!r}"
                 )
             overrides["pool"] = _TIMM_POOLS[overrides["pool"]]
@@ -162,7 +163,7 @@ def checked_images(
     expected = (in_chans, img_size[0], img_size[1])
     if images.dim() != 4 or (images.shape[1], images.shape[2], images.shape[3]) != expected:
         got = ", ".join([str(size) for size in images.shape])
-        raise ValueError(
+        raise InvalidError(
             f"{model} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
             f"got ({got}); build the model with in_chans/img_size to match "
             "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
@@ -269,7 +270,7 @@ class CRATE(nn.Module):
         return_prefix_tokens then do not apply.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise InvalidError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = _take_indices(len(self.blocks), indices)
         x = self.embed(images)
         intermediates = []
@@ -333,12 +334,12 @@ def _take_indices(depth: int, indices: int | list[int] | None) -> tuple[list[int
         take = list(range(depth))
     elif isinstance(indices, int):
         if not 0 < indices <= depth:
-            raise ValueError(f"indices={indices} must be between 1 and the depth {depth}")
+            raise InvalidError(f"indices={indices} must be between 1 and the depth {depth}")
         take = list(range(depth - indices, depth))
     else:
         take = [i + depth if i < 0 else i for i in indices]
         if any(not 0 <= i < depth for i in take):
-            raise ValueError(f"indices {list(indices)} out of range for depth {depth}")
+            raise InvalidError(f"indices {list(indices)} out of range for depth {depth}")
     return take, max(take)
 
 

@@ -9,6 +9,8 @@ import re
 import torch
 from torch import nn
 
+from ..errors import InvalidError
+
 # (released key pattern, this model's key): CRATE (Ma-Lab-Berkeley/CRATE) and CRATE-α (UCSC-VLAA/CRATE-alpha)
 _OFFICIAL_KEYS = [
     (r"to_patch_embedding\.1\.(weight|bias)", r"patch_embed.norm_in.\1"),
@@ -74,7 +76,7 @@ def _rename(state_dict: dict, layout: str) -> dict:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"keys not in the released {layout} layout: {unknown}")
+        raise InvalidError(f"keys not in the released {layout} layout: {unknown}")
     return converted
 
 
@@ -91,7 +93,7 @@ def export_official_state_dict(state_dict: dict, layout: str) -> dict[str, torch
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"keys with no released {layout} name: {unknown}")
+        raise InvalidError(f"keys with no released {layout} name: {unknown}")
     return exported
 
 
@@ -117,7 +119,7 @@ def _check_fits(state_dict: dict, model: nn.Module, layout: str | None) -> None:
     problems = fit_problems(state_dict, model, "head.")
     if problems:
         source = f"a released {layout} checkpoint" if layout else "the checkpoint"
-        raise ValueError(
+        raise InvalidError(
             f"{source} does not fit {type(model).__name__} ({model.config.dim} wide, "
             f"{len(model.blocks)} layers):\n  " + "\n  ".join(problems)
         )
@@ -150,7 +152,7 @@ def resample_to_model(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor
         return pos_embed
     old = math.isqrt(pos_embed.shape[1] - prefix)
     if old * old != pos_embed.shape[1] - prefix:
-        raise ValueError(
+        raise InvalidError(
             f"cannot resample a position embedding of {pos_embed.shape[1] - prefix} patches: "
             "not a square grid"
         )

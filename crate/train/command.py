@@ -6,12 +6,12 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 
 import torch.distributed as dist
 
+from .. import errors
 from ..weights import sources
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .faults import NonFiniteStepsError, PreemptedError
 from .loop import train
 from .presets import PRESETS
@@ -22,10 +22,9 @@ log = logging.getLogger("crate.train")
 
 def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     """Preset values, then every command-line override."""
-    parser = argparse.ArgumentParser(
+    parser = errors.Parser(
         prog="crate train", description="Train or fine-tune CRATE, CRATE-α or any timm model."
     )
-    parser.error = _exit_with  # one line, without the usage (crate train --help prints it)
     for field in dataclasses.fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type is bool:
@@ -39,24 +38,15 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
         values["model"] = sources.source_model_name(values["finetune"]) or values.get(
             "model", TrainConfig.model
         )
-    try:
-        return TrainConfig(**values)
-    except ConfigError as error:
-        _exit_with(error)
+    return TrainConfig(**values)
 
 
-def _exit_with(error: ConfigError | str):
-    print(f"crate train: error: {error}", file=sys.stderr)  # one line, before any work
-    raise SystemExit(2)
-
-
+@errors.command("crate train")
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = resolve_config(argv)
     try:
         result = train(config)
-    except ConfigError as error:
-        _exit_with(error)
     except (PreemptedError, NonFiniteStepsError, UnverifiedError) as stop:
         log.error("%s", stop)
         if dist.is_initialized():

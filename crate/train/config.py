@@ -6,10 +6,11 @@ from dataclasses import dataclass
 import timm
 import timm.optim
 
+from ..errors import InvalidError
 from .presets import PRESETS
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidError):
     """A configuration that cannot run; the message names the option and what it expects."""
 
 

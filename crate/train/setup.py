@@ -90,7 +90,7 @@ def set_up(config: TrainConfig) -> Run:
     streamed = sampler is None  # wds/, hfids/, tfds/ shard and shuffle themselves per rank and worker
     steps_per_epoch = (len(train_set) if streamed else len(sampler)) // (micro_batch * config.accum_steps)
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch")
+        raise ConfigError(f"the training set ({len(train_set)} images) is smaller than one global batch")
     optimizer, scheduler = make_optimizer(config, model, steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
     mixup, criterion = make_loss(config, model.num_classes)
@@ -189,7 +189,7 @@ def open_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     train_classes, test_classes = getattr(train, "classes", None), getattr(test, "classes", None)
     if config.dataset == "imagenet" and train_classes != test_classes:
         root = Path(config.data)
-        raise ValueError(
+        raise ConfigError(
             f"{root / 'val'} and {root / 'train'} must hold the same class folders (the labels are their "
             f"sorted order); only in train/: {_few(set(train_classes) - set(test_classes))}, "
             f"only in val/: {_few(set(test_classes) - set(train_classes))}"
@@ -208,7 +208,7 @@ def dataset_classes(config: TrainConfig, train: Dataset | None = None) -> int:
         return config.num_classes
     count = data.class_count(train if train is not None else open_datasets(config)[0])
     if count is None:
-        raise ValueError(f"{config.dataset} does not declare its classes: pass --num-classes")
+        raise ConfigError(f"{config.dataset} does not declare its classes: pass --num-classes")
     return count
 
 
@@ -321,7 +321,7 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
         **({"betas": betas} if betas else {}),
     )
     if betas is not None and "betas" not in optimizer.param_groups[0]:  # timm drops unknown arguments
-        raise ValueError(
+        raise ConfigError(
             f"--opt-betas {config.opt_betas}: optimizer {config.opt!r} ({type(optimizer).__name__}) takes no "
             "betas; leave out --opt-betas or choose an optimizer with betas (adamw, adam, lion, ...)"
         )

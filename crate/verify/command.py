@@ -17,13 +17,13 @@ cannot be checked.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import timm
 import torch
 from timm.models import split_model_name_tag
 
+from .. import errors
 from ..runtime import default_device
 from ..weights import sources
 from . import rule
@@ -50,7 +50,7 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = errors.Parser(
         prog="crate verify",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -83,16 +83,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@errors.command("crate verify")
 def main(argv: list[str] | None = None) -> Report:
     args = parse(argv)
-    try:
-        model = build(args)
-        report = check_model(
-            model, PRECISIONS[args.precision], batch=args.batch, seed=args.seed, compiled=args.compile
-        )
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        print(f"crate verify: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    model = build(args)
+    report = check_model(
+        model, PRECISIONS[args.precision], batch=args.batch, seed=args.seed, compiled=args.compile
+    )
     report.model = split_model_name_tag(args.model or sources.source_model_name(args.source) or args.source)[
         0
     ]

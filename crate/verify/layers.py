@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidError
 from ..models import load_official_state_dict
 from ..models.released import convert_official_state_dict, export_official_state_dict
 from .families import Family, family_of, model_family
@@ -74,11 +75,11 @@ def models_from_model(model: nn.Module, precision: str) -> Models:
     layout are the values; the reference is built on them in float64."""
     family = model_family(model)
     if family is None:
-        raise TypeError(f"{type(model).__name__} is neither CRATE nor CRATE-α: there is no reference")
+        raise InvalidError(f"{type(model).__name__} is neither CRATE nor CRATE-α: there is no reference")
     dtype = PRECISIONS[precision][0]
     parameter = next(model.parameters())
     if parameter.dtype != dtype:
-        raise ValueError(
+        raise InvalidError(
             f"precision {precision!r} runs on {dtype} weights; the model's are {parameter.dtype}"
         )
     layout = "CRATE-α" if family.name == "alpha" else "CRATE"

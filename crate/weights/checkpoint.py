@@ -24,12 +24,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import MissingError, UserError
+
 LATEST = "latest"
 DIGESTS = "sha256.json"
 log = logging.getLogger("crate.checkpoint")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder that cannot be read back as written."""
 
 
@@ -127,7 +129,7 @@ def save(
 def latest(output: Path) -> Path:
     pointer = Path(output) / LATEST
     if not pointer.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from in {output} ({pointer} does not exist)")
+        raise MissingError(f"no checkpoint to resume from in {output} ({pointer} does not exist)")
     return Path(output) / pointer.read_text().strip()
 
 

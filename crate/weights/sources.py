@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models import split_model_name_tag
 
+from ..errors import InvalidError, MissingError
 from ..models import CRATE, convert_official_state_dict
 from ..models.released import fit_problems, resample_to_model
 from . import checkpoint
@@ -45,7 +46,7 @@ def read_source(source: str | Path) -> Source:
     name = str(source)
     if timm.is_model(name):
         return _read_timm(name)
-    raise FileNotFoundError(
+    raise MissingError(
         f"{source}: neither a file or folder (run folder, checkpoint folder, {', '.join(WEIGHT_SUFFIXES)}) "
         "nor a timm model name (timm.list_models() lists them; `import crate` adds crate_* and crate_alpha_*)"
     )
@@ -72,11 +73,9 @@ def _read_path(path: Path) -> Source:
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path} (expected a run folder, a checkpoint folder or a file)"
-        )
+        raise MissingError(f"no checkpoint at {path} (expected a run folder, a checkpoint folder or a file)")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
+        raise InvalidError(f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     try:
         state = (
             load_file(path)
@@ -84,16 +83,18 @@ def _read_path(path: Path) -> Source:
             else torch.load(path, map_location="cpu", weights_only=True)
         )
     except Exception as error:  # safetensors, pickle and zip each raise their own types
-        raise ValueError(f"{path} cannot be read as a state dict: {type(error).__name__}: {error}") from error
+        raise InvalidError(
+            f"{path} cannot be read as a state dict: {type(error).__name__}: {error}"
+        ) from error
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise InvalidError(f"{path} holds a {type(state).__name__}, not a state dict")
     return Source(convert_official_state_dict(state), model_name, str(path))
 
 
 def _read_timm(name: str) -> Source:
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
-        raise ValueError(
+        raise InvalidError(
             f"{name}: timm knows the model but has no published weights for it "
             f"(timm.list_pretrained('{split_model_name_tag(name)[0]}*') lists the tags that do)"
         )
@@ -145,7 +146,7 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
         )
     problems = fit_problems(state, model, head)
     if problems:
-        raise ValueError(
+        raise InvalidError(
             f"{source.description} does not fit {type(model).__name__}: every tensor but the classifier "
             "must load\n  " + "\n  ".join(problems)
         )
@@ -159,7 +160,7 @@ def build_model(source: Source, model_name: str | None = None, **kwargs) -> tupl
     architecture is ``model_name``, else the one the source names; the class count is the source's."""
     name = model_name or source.model_name
     if name is None:
-        raise ValueError(
+        raise InvalidError(
             f"{source.description} names no architecture (no config.json): pass the timm model name"
         )
     head = source.state.get("head.weight")
@@ -170,5 +171,5 @@ def build_model(source: Source, model_name: str | None = None, **kwargs) -> tupl
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{source.description} does not fit {name}: {error}") from error
+        raise InvalidError(f"{source.description} does not fit {name}: {error}") from error
     return model.eval(), name

@@ -79,7 +79,7 @@ def test_presets_and_overrides():
     assert paper.lr == 1e-3 and paper.amp is False
     deit = resolve_config(["--preset", "deit"])
     assert deit.mixup == 0.8 and deit.auto_augment.startswith("rand") and deit.ema_decay > 0
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--preset 'nope' is unknown"):
         resolve_config(["--preset", "nope"])
 
 
@@ -120,11 +120,11 @@ def test_opt_betas_reach_the_optimizer(tmp_path):
     assert resolve_config([]).betas is None and resolve_config(["--opt-betas", ""]).betas is None
 
 
-def test_bad_options_are_explained(tmp_path, capsys):
+def test_bad_options_are_explained(tmp_path):
     for value in ("0.9", "0.9,x", "0.9,1.5"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError) as refused:
             resolve_config(["--opt-betas", value])
-        error = capsys.readouterr().err
+        error = str(refused.value)
         assert "--opt-betas must be two comma-separated numbers in [0, 1)" in error and repr(value) in error
     with pytest.raises(ValueError, match=r"optimizer 'sgd' \(SGD\) takes no betas"):
         train(_alpha_config(tmp_path, "--opt", "sgd", "--opt-betas", "0.9,0.95", "--max-steps", "1"))

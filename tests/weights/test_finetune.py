@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import crate
 import reference
-from crate.train import build_model, resolve_config, train
+from crate.train import ConfigError, build_model, resolve_config, train
 from crate.train.setup import transforms
 from crate.weights import checkpoint, sources
 from tests.helpers import latest_weights
@@ -164,10 +164,10 @@ def test_layer_decay_gives_each_layer_its_own_learning_rate(trained_run):
         (["--eval-crop-mode", "zoom"], "--eval-crop-mode must be center, squash or border"),
     ],
 )
-def test_bad_fine_tuning_options_are_explained(options, message, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_fine_tuning_options_are_explained(options, message):
+    with pytest.raises(ConfigError) as refused:
         resolve_config(options)
-    assert message in capsys.readouterr().err
+    assert message in str(refused.value)
 
 
 def test_the_transfer_preset_is_the_official_fine_tuning_recipe():
