@@ -75,7 +75,7 @@ def models_from_model(model: nn.Module, precision: str) -> Models:
     layout are the values; the reference is built on them in float64."""
     family = model_family(model)
     if family is None:
-        raise InvalidError(f"{type(model).__name__} is neither CRATE nor CRATE-α: there is no reference")
+        raise TypeError(f"{type(model).__name__} is neither CRATE nor CRATE-α: there is no reference")
     dtype = PRECISIONS[precision][0]
     parameter = next(model.parameters())
     if parameter.dtype != dtype:
