@@ -26,7 +26,7 @@ from . import analysis, errors
 from .audit import load_images, load_model
 from .runtime import autocast, default_device, keep_freed_memory, uses_bf16
 from .train import TrainConfig, build_model, resolve_config, train
-from .train.setup import dataset_classes, make_loss, open_datasets
+from .train.setup import dataset_classes, make_loss, open_datasets, planned_steps
 
 
 @errors.command("python -m crate.demo")
@@ -105,8 +105,7 @@ def estimate_training_seconds(
     train_set, test_set = open_datasets(config)
     train_images = min(config.train_subset or len(train_set), len(train_set))
     test_images = min(config.eval_subset or len(test_set), len(test_set))
-    steps = config.epochs * (train_images // config.batch_size)
-    steps = min(steps, config.max_steps) if config.max_steps else steps
+    steps = planned_steps(config, train_images // config.batch_size)
     evaluations = config.epochs // config.eval_every + (config.epochs % config.eval_every > 0)
 
     if device.type == "cpu":

@@ -59,7 +59,7 @@ def run_config(run: Run, source: str, steps: int, output: Path, model: str, lr: 
     """The `crate train` configuration of one run: the same step budget for every method."""
     options, rates = METHODS[run.method]
     lr = lr or rates[0]
-    epochs = math.ceil(steps / (len(Digits("train", run.labels_per_class)) // BATCH))  # then stop at steps
+    epochs = math.ceil(steps / (len(Digits("train", run.labels_per_class)) // BATCH))  # planned: --max-steps
     argv = [
         "--dataset", "digits",
         "--model", model,

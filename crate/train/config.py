@@ -1,6 +1,8 @@
 """The training configuration: every option of `crate train`, checked once, when it is built."""
 
+import inspect
 import os
+import re
 from dataclasses import dataclass
 
 import timm
@@ -14,12 +16,30 @@ class ConfigError(InvalidError):
     """A configuration that cannot run; the message names the option and what it expects."""
 
 
+# what may differ when a run continues (--resume): how this session runs, not what it computes
+SESSION_OPTIONS = frozenset(
+    {
+        "resume",
+        "stop_after",
+        "data",
+        "download",
+        "workers",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "compile",
+        "grad_checkpointing",
+        "skip_verify",
+    }
+)
+
+
 @dataclass
 class TrainConfig:
     """A training run's every option (`crate train --NAME`); it checks itself when built: a
     ConfigError names the option that cannot work, alone or with the others."""
 
-    preset: str = "fashion-mnist"
+    preset: str = "fashion-mnist"  # a named recipe (crate/train/presets.py); the options given override it
     model: str = "crate_mini_patch7_28"  # any timm model name (crate_*, crate_alpha_*: `import crate`)
     finetune: str | None = None  # weights to start from, classifier anew (crate/weights/sources.py)
     freeze: bool = False  # train the classifier alone (a linear probe); every other tensor stays as loaded
@@ -30,23 +50,23 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data: str | None = None  # dataset folder (fashion-mnist: crate.data's default; named ones: data/<name>)
     download: bool = False  # fetch a named dataset into --data when missing (never without this flag)
-    train_split: str = "train"
-    val_split: str = "validation"
+    train_split: str = "train"  # the split trained on (named datasets)
+    val_split: str = "validation"  # the split evaluated on (built-in datasets: their test split)
     labels_per_class: int = 0  # digits: k training labels per class, drawn with the seed (0: all)
     num_classes: int = 0  # the class count, for datasets that do not declare theirs (0: the dataset's)
     eval_crop_pct: float = 0.0  # evaluation resize/crop ratio (0: the model's, e.g. 0.875: 256 -> 224)
     eval_crop_mode: str = "center"  # timm's crop_mode: "center", or "squash" (resize without cropping)
     output: str = "runs/fashion-mnist"  # run folder: config.json, metrics.jsonl, checkpoints
-    epochs: int = 10
-    batch_size: int = 128  # global
-    lr: float = 2e-3  # at lr_batch; scaled linearly to batch_size
-    lr_batch: int = 128
-    min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
+    epochs: int = 10  # passes over the training set (--max-steps may plan fewer steps)
+    batch_size: int = 128  # images per optimizer step, over all processes
+    lr: float = 2e-3  # peak learning rate at --lr-batch; scaled linearly to --batch-size
+    lr_batch: int = 128  # the global batch --lr is given for
+    min_lr: float = 1e-5  # where the cosine schedule ends
+    warmup_epochs: float = 1.0  # linear warm-up from lr/1000, in epochs (shortened with --max-steps)
+    weight_decay: float = 0.05  # timm's: not on biases, norms or the model's no_weight_decay()
     opt: str = "adamw"  # timm optimizer name: adamw, lion, ...
     opt_betas: str | None = None  # "beta1,beta2", e.g. "0.9,0.95" (None or "": the optimizer's default)
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # of the cross-entropy targets
     mixup: float = 0.0  # Mixup alpha (0: off)
     cutmix: float = 0.0  # CutMix alpha (0: off)
     # timm policy string, e.g. "rand-m9-mstd0.5-inc1", or "tv-rand-n2-m14" for torchvision's RandAugment
@@ -54,30 +74,29 @@ class TrainConfig:
     auto_augment: str | None = None
     reprob: float = 0.0  # random erasing probability (image datasets only)
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter without RandAugment (timm: 0.4)
-    hflip: float = 0.5
+    hflip: float = 0.5  # horizontal flip probability
     random_shift: int = 0  # Fashion-MNIST: random translation by up to this many pixels
     ema_decay: float = 0.0  # model EMA decay (0: off)
-    drop_path: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate (0: off)
     grad_clip: float = 0.0  # max gradient norm (0: off)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     amp: bool = True  # bf16 autocast on GPU, and on CPUs with native bf16 (avx512_bf16 / amx_bf16)
-    compile: bool = False
-    skip_verify: bool = (
-        False  # train without the gate (crate/verify: exit 70 when it fails); loudly, recorded
-    )
-    grad_checkpointing: bool = False
-    workers: int = 0
-    seed: int = 0
+    compile: bool = False  # torch.compile the model for the training step
+    skip_verify: bool = False  # train without the gate (crate/verify; exit 70 when it fails), recorded
+    grad_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory
+    workers: int = 0  # data-loading processes per rank (0: in the training process)
+    seed: int = 0  # of the initialisation, the data order and every augmentation
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at each epoch end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest ones kept
     telemetry_batch: int = 64  # fixed evaluation images for the per-layer white-box telemetry (0: none)
     eval_every: int = 1  # epochs between evaluations (and epoch-end checkpoints); the last step always
     train_subset: int = 0  # use only the first n training images (0: all)
-    eval_subset: int = 0
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    eval_subset: int = 0  # evaluate only the first n images (0: all)
+    max_steps: int = 0  # plan the run, schedule included, for at most this many optimizer steps (0: all)
+    stop_after: int = 0  # end this session after this step, checkpointed (--resume continues; 0: at the end)
     max_nonfinite_steps: int = 10  # skipped steps (NaN/inf loss or gradient) in a row before the run stops
-    resume: bool = False
-    log_every: int = 20
+    resume: bool = False  # continue the run in --output with its config.json, from its newest checkpoint
+    log_every: int = 20  # optimizer steps between metrics.jsonl records
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -100,6 +119,11 @@ class TrainConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}"
+                )
         if self.max_nonfinite_steps < 1 or self.keep_checkpoints < 1:
             raise ConfigError("--max-nonfinite-steps and --keep-checkpoints must be at least 1")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,3 +162,17 @@ class TrainConfig:
         if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
             raise ConfigError(f"--opt-betas must be {expected}, got {self.opt_betas!r}")
         return betas
+
+
+def option_help() -> dict[str, str]:
+    """Each option's description: its field's comment in TrainConfig, trailing or on the lines above."""
+    descriptions, above = {}, []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if line.strip().startswith("#"):
+            above.append(line.strip().lstrip("# "))
+            continue
+        field = re.match(r"    (\w+): [^=]+= .*?(?:  # (.*))?$", line)
+        if field:
+            descriptions[field[1]] = " ".join([*above, *filter(None, [field[2]])])
+        above = []
+    return descriptions

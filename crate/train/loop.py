@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .. import analysis
 from ..evaluate import measure
 from ..models import CRATE
+from ..runtime import precision_name
 from ..weights import checkpoint
 from .config import TrainConfig
 from .faults import NonFiniteStepsError, PreemptedError, StopSignals, on_every_rank
@@ -40,6 +41,8 @@ def train(config: TrainConfig) -> dict:
     NonFiniteStepsError after --max-nonfinite-steps skipped steps in a row."""
     check_before_training(config)
     run = set_up(config)
+    if run.distributed.is_main:
+        _log_opening(run)
     progress = tqdm(
         mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
         total=run.total_steps,
@@ -48,18 +51,21 @@ def train(config: TrainConfig) -> dict:
         unit="step",
         dynamic_ncols=True,
     )
-    result, start_time = {}, time.perf_counter()
+    result, start_time, first_step = {}, time.perf_counter(), run.step
     try:
         verify_run(run)  # before the first step, on every rank (crate/train/verification.py)
+        steps_start = time.perf_counter()
         with StopSignals() as signals:
-            while run.step < run.total_steps:
+            while run.step < run.session_end:
                 tick = time.perf_counter()
                 for micro_batches in epoch_steps(run):
                     loss, applied, stop = optimizer_step(run, micro_batches, signals.received is not None)
                     progress.update(1)
-                    if run.step % run.config.log_every == 0 or run.step == run.total_steps:
+                    if run.step % run.config.log_every == 0 or run.step == run.session_end:
                         _log_step(run, loss, tick, progress)
                         tick = time.perf_counter()
+                    if run.step == first_step + run.config.log_every and run.distributed.is_main:
+                        _log_estimate(run, first_step, steps_start)
                     if not applied and run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
                         save_checkpoint(run)
                         raise NonFiniteStepsError(
@@ -82,6 +88,13 @@ def train(config: TrainConfig) -> dict:
         progress.close()
         if run.metrics_file:
             run.metrics_file.close()
+    if run.session_end < run.total_steps and run.distributed.is_main:
+        log.info(
+            "stopped after step %d of %d (--stop-after): `crate train --output %s --resume` continues",
+            run.step,
+            run.total_steps,
+            run.output,
+        )
     if dist.is_initialized():
         dist.barrier()
     return result
@@ -99,7 +112,7 @@ def epoch_steps(run: Run) -> Iterator[list]:
     run.loader.generator.manual_seed(hash((run.config.seed, epoch, run.distributed.rank)) % 2**63)
     run.model.train()
     micro_batches = iter(run.loader)
-    for _ in range(min(run.steps_per_epoch - batch_in_epoch, run.total_steps - run.step)):
+    for _ in range(min(run.steps_per_epoch - batch_in_epoch, run.session_end - run.step)):
         step_batches = list(itertools.islice(micro_batches, run.config.accum_steps))
         if len(step_batches) < run.config.accum_steps:  # a stream may yield fewer batches than an epoch's
             return
@@ -188,9 +201,68 @@ def _log_step(run: Run, loss: torch.Tensor, tick: float, progress: tqdm) -> None
     run.images_seen = 0
 
 
+def _log_opening(run: Run) -> None:
+    """The run before its first step: where it writes, which model on which data, on what, how long."""
+    config, model = run.config, run.model
+    parameters = sum(p.numel() for p in model.parameters())
+    start = (
+        f"resuming at step {run.step}"
+        if run.step
+        else ("fine-tuning " + config.finetune if config.finetune else "from scratch")
+    )
+    log.info("output: %s", run.output)
+    log.info(
+        "model: %s, %.2fM parameters, %d classes, %s",
+        config.model,
+        parameters / 1e6,
+        model.num_classes,
+        start,
+    )
+    log.info(
+        "data: %s, %s training images, %s evaluation images",
+        config.dataset,
+        _size(run.train_set),
+        _size(run.test_loader.dataset),
+    )
+    log.info(
+        "device: %s, precision %s, %d process%s, %d images per step (%d per forward pass)",
+        run.distributed.device,
+        precision_name(run.distributed.device, config.amp),
+        run.distributed.world_size,
+        "es" if run.distributed.world_size > 1 else "",
+        config.batch_size,
+        run.micro_batch,
+    )
+    planned = f"{config.epochs} epochs x {run.steps_per_epoch} steps"
+    if run.total_steps < config.epochs * run.steps_per_epoch:
+        planned = f"--max-steps {config.max_steps} (of {planned})"
+    session = (
+        f", this session to step {run.session_end} (--stop-after)"
+        if run.session_end < run.total_steps
+        else ""
+    )
+    log.info("steps: %d planned, %s, cosine schedule over them%s", run.total_steps, planned, session)
+
+
+def _size(dataset) -> str:
+    return str(len(dataset)) if hasattr(dataset, "__len__") else "streamed"
+
+
+def _log_estimate(run: Run, first_step: int, start_time: float) -> None:
+    seconds_per_step = (time.perf_counter() - start_time) / (run.step - first_step)
+    remaining = seconds_per_step * (run.session_end - run.step)
+    log.info("%.3f s per step: about %s to step %d", seconds_per_step, _duration(remaining), run.session_end)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
 # -- checkpoints and evaluations --------------------------------------------------------------------
 def checkpoint_due(run: Run) -> bool:
-    return run.step % run.config.checkpoint_every == 0 or _epoch_end(run) or run.step == run.total_steps
+    return run.step % run.config.checkpoint_every == 0 or _epoch_end(run) or run.step == run.session_end
 
 
 def save_checkpoint(run: Run) -> None:
@@ -217,7 +289,7 @@ def _epoch_end(run: Run) -> bool:
 
 
 def evaluation_due(run: Run) -> bool:
-    return _epoch_end(run) or run.step == run.total_steps
+    return _epoch_end(run) or run.step == run.session_end
 
 
 def evaluate(run: Run, start_time: float) -> dict:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import data
 from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed
 from ..weights import checkpoint, sources
-from .config import ConfigError, TrainConfig
+from .config import SESSION_OPTIONS, ConfigError, TrainConfig
 
 log = logging.getLogger("crate.train")
 
@@ -52,7 +52,8 @@ class Run:
     test_loader: DataLoader
     micro_batch: int  # images per rank per forward pass
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # the run's planned steps: its epochs, or --max-steps when fewer
+    session_end: int  # the step this session stops at: total_steps, or --stop-after when sooner
     autocast: Callable
     telemetry_images: torch.Tensor | None
     metrics_file: TextIO | None  # rank 0's
@@ -102,9 +103,7 @@ def set_up(config: TrainConfig) -> Run:
         train_model = DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = planned_steps(config, steps_per_epoch)
     return Run(
         config=config,
         distributed=distributed,
@@ -123,6 +122,7 @@ def set_up(config: TrainConfig) -> Run:
         micro_batch=micro_batch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        session_end=min(total_steps, config.stop_after or total_steps),
         autocast=autocast(device, config.amp),
         telemetry_images=first_images(test_set, config.telemetry_batch),
         metrics_file=(output / "metrics.jsonl").open("a") if distributed.is_main else None,
@@ -147,7 +147,7 @@ def check_before_training(config: TrainConfig) -> None:
 
 
 def _differing_fields(saved: dict, current: dict) -> list[str]:
-    keys = (saved.keys() | current.keys()) - {"resume"}
+    keys = (saved.keys() | current.keys()) - SESSION_OPTIONS
     return sorted(key for key in keys if saved.get(key) != current.get(key))
 
 
@@ -169,9 +169,15 @@ def check_data(config: TrainConfig) -> None:
 
 
 def is_resuming(config: TrainConfig) -> bool:
-    """--resume, or a torchrun restart (--max-restarts) of a run that has written a checkpoint."""
+    """--resume, or a torchrun restart (--max-restarts), of a run that has written a checkpoint (one
+    stopped before its first starts again at step 0)."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    return config.resume or (restarted and (Path(config.output) / checkpoint.LATEST).is_file())
+    return (config.resume or restarted) and (Path(config.output) / checkpoint.LATEST).is_file()
+
+
+def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: all its epochs', or --max-steps when fewer."""
+    return min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
 
 
 def open_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -309,7 +315,8 @@ def make_loaders(
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int):
-    """timm's optimizer (lr scaled linearly to the global batch) and its cosine schedule by step."""
+    """timm's optimizer (lr scaled linearly to the global batch) and its cosine schedule by step over
+    the planned steps: a run shortened by --max-steps warms up and decays in proportion."""
     lr = config.lr * config.batch_size / config.lr_batch
     betas = config.betas
     optimizer = timm.optim.create_optimizer_v2(
@@ -325,15 +332,16 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
             f"--opt-betas {config.opt_betas}: optimizer {config.opt!r} ({type(optimizer).__name__}) takes no "
             "betas; leave out --opt-betas or choose an optimizer with betas (adamw, adam, lion, ...)"
         )
+    planned, full = planned_steps(config, steps_per_epoch), config.epochs * steps_per_epoch
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer,
         "cosine",
-        num_epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs,
+        num_epochs=planned,
+        warmup_epochs=round(config.warmup_epochs * steps_per_epoch * planned / full),
         min_lr=config.min_lr,
         warmup_lr=lr * 1e-3,
         step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
+        updates_per_epoch=1,  # "epochs" here are steps
     )
     return optimizer, scheduler
 

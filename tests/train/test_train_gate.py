@@ -66,11 +66,12 @@ def test_the_gate_changes_nothing_the_run_computes(tmp_path):
 def test_a_resumed_run_checks_the_weights_it_loaded(tmp_path, monkeypatch):
     """The gate of a resumed run checks the restored weights: a fault injected only for the second
     session stops it at the checkpoint's step, which stays the newest."""
-    train(fast_config(tmp_path, *STEPS))
+    planned = ["--max-steps", "8", "--checkpoint-every", "2"]
+    train(fast_config(tmp_path, *planned, "--stop-after", "4"))
     weights = load_file(checkpoint.latest(tmp_path) / "model.safetensors")
     inject(monkeypatch, "attention scale off")
     with pytest.raises(SystemExit) as stop:
-        main([*fast_config_args(tmp_path), "--max-steps", "8", "--checkpoint-every", "2", "--resume"])
+        main([*fast_config_args(tmp_path), *planned, "--resume"])
     assert stop.value.code == EXIT_FAILED
     record = _records(tmp_path)[-1]
     assert record["event"] == "verification" and record["step"] == 4 and record["passed"] is False
