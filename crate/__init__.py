@@ -23,6 +23,7 @@ from .models import (
 
 if importlib.util.find_spec("timm") is not None:
     from .models import baselines, crate  # noqa: F401  (register the models with timm, modules "crate" and "baselines")
+    from .weights.sources import load_run
 
 __version__ = "0.1.0"
 __all__ = [
@@ -36,5 +37,6 @@ __all__ = [
     "alpha_variant_config",
     "convert_official_state_dict",
     "load_official_state_dict",
+    "load_run",
     "variant_config",
 ]

@@ -85,8 +85,27 @@ def _create(variant: str, pretrained: bool = False, **kwargs):
         pretrained_filter_fn=convert_official_state_dict,
         feature_cfg=_feature_cfg(kwargs),
         config=model_class.config_class(**config),
-        **kwargs,
+        **_with_input_channels(variant, kwargs),
     )
+
+
+def _with_input_channels(variant: str, kwargs: dict) -> dict:
+    """A model built with another in_chans than its variant's: its pretrained cfg (timm's data config)
+    says that many channels, with per channel the mean of the variant's means and stds (timm's
+    resolve_input_data_config's rule), so that resolve_data_config(model=model) gives images it reads;
+    and timm does not adapt the first layer a second time (convert_official_state_dict did)."""
+    channels = kwargs.get("in_chans")
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    if channels is None or cfg.input_size[0] == channels:
+        return kwargs
+    mean, std = (sum(values) / len(values) for values in (cfg.mean, cfg.std))
+    overlay = dict(
+        kwargs.get("pretrained_cfg_overlay") or {},
+        input_size=(channels, *cfg.input_size[1:]),
+        mean=(mean,) * channels,
+        std=(std,) * channels,
+    )
+    return kwargs | dict(pretrained_cfg_overlay=overlay)
 
 
 def _feature_cfg(kwargs: dict) -> dict:

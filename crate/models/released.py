@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidError
+from .layers import pair
 
 # (released key pattern, this model's key): CRATE (Ma-Lab-Berkeley/CRATE) and CRATE-α (UCSC-VLAA/CRATE-alpha)
 _OFFICIAL_KEYS = [
@@ -50,7 +51,8 @@ def convert_official_state_dict(state_dict: dict, model: nn.Module | None = None
     A state dict already in this model's names passes through. With ``model``: the checkpoint must fit
     it (every key but the classifier's present with its shape, no other key; else a ValueError names
     each problem), and the position embedding is resampled (bicubic, cls token kept) when the
-    checkpoint's patch grid differs from the model's.
+    checkpoint's patch grid differs from the model's, and the first layer adapted as timm does
+    (``adapt_input_channels``) when the checkpoint reads another number of image channels.
     """
     for wrapper in ("state_dict", "model"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
@@ -62,6 +64,7 @@ def convert_official_state_dict(state_dict: dict, model: nn.Module | None = None
     if model is not None:
         if "pos_embed" in state_dict:
             state_dict["pos_embed"] = resample_to_model(state_dict["pos_embed"], model)
+        state_dict, _ = adapt_input_channels(state_dict, model)
         _check_fits(state_dict, model, layout)
     return state_dict
 
@@ -142,6 +145,82 @@ def fit_problems(state_dict: dict, model: nn.Module, skipped_prefix: str) -> lis
         if key in expected and value.shape != expected[key].shape
     ]
     return problems
+
+
+def adapt_input_channels(state_dict: dict, model: nn.Module) -> tuple[dict, str | None]:
+    """(state dict, note or None): weights of a first layer ``patch_embed.proj`` that reads another
+    number of image channels than ``model``, adapted as timm adapts a pretrained first conv
+    (timm.models.adapt_input_conv): summed over R, G and B for one channel; for C channels, RGB
+    repeated and scaled by 3 / C. A conv (CRATE-α, timm's ViTs) is adapted as it is. CRATE's patch
+    embedding is LayerNorm → Linear on (row, column, channel)-flattened patches: the LayerNorm's scale
+    and shift are folded into the Linear first (a gray patch replicated to RGB has the gray patch's
+    mean and variance), its weight is read as a (d, C, P, P) conv and adapted, so that on one channel
+    the adapted layer on a gray image computes exactly what the source computes on it replicated to
+    RGB, as timm's summed conv does. Unchanged when the channels agree or there is no such layer."""
+    key = "patch_embed.proj.weight"
+    expected = model.state_dict()
+    source, target = input_channels(state_dict, model), input_channels(expected, model)
+    if source is None or target is None or source == target:
+        return state_dict, None
+    given = state_dict[key]
+    if given.dim() != expected[key].dim() or given.shape[0] != expected[key].shape[0]:
+        return state_dict, None  # another family or width: fit_problems names it
+    if given.shape[2:] != expected[key].shape[2:]:
+        return state_dict, None  # another patch size: fit_problems names it
+    if given.dim() == 4:  # a conv: (d, C, P, P)
+        adapted = {key: _adapt_conv(target, given, source)}
+    else:
+        adapted = _adapt_patch_linear(state_dict, target, source, pair(model.patch_embed.patch_size))
+    note = (
+        f"patch_embed.proj adapted from {source} to {target} input channels as timm does "
+        f"({'summed over RGB' if target == 1 else f'RGB repeated, scaled by 3/{target}'})"
+    )
+    return state_dict | adapted, note
+
+
+def input_channels(state_dict: dict, model: nn.Module) -> int | None:
+    """The image channels the first layer ``patch_embed.proj`` of ``state_dict`` reads, at ``model``'s
+    patch size: a conv's (d, C, P, P); CRATE's LayerNorm over P·P·C features; None for neither."""
+    weight = state_dict.get("patch_embed.proj.weight")
+    if weight is not None and weight.dim() == 4:
+        return weight.shape[1]
+    norm = state_dict.get("patch_embed.norm_in.weight")
+    if weight is None or weight.dim() != 2 or norm is None:
+        return None
+    P = pair(model.patch_embed.patch_size)
+    return norm.numel() // (P[0] * P[1]) if norm.numel() % (P[0] * P[1]) == 0 else None
+
+
+def _adapt_conv(target: int, weight: torch.Tensor, source: int) -> torch.Tensor:
+    """timm's adapt_input_conv of a (d, C, P, P) weight, which starts from RGB."""
+    from timm.models import adapt_input_conv
+
+    if source != 3:
+        raise InvalidError(
+            f"the checkpoint's first layer patch_embed.proj reads {source} image channels, the model "
+            f"{target}: timm adapts a first layer from 3-channel (RGB) weights only; build the model "
+            f"with in_chans={source}"
+        )
+    return adapt_input_conv(target, weight)
+
+
+def _adapt_patch_linear(state_dict: dict, target: int, source: int, P: tuple[int, int]) -> dict:
+    """CRATE's norm_in (LayerNorm over P·P·C) and proj (Linear) for ``target`` channels, the norm's
+    affine folded into proj, proj's weight adapted as a (d, C, P, P) conv."""
+    weight, bias = state_dict["patch_embed.proj.weight"], state_dict["patch_embed.proj.bias"]
+    scale, shift = state_dict["patch_embed.norm_in.weight"], state_dict["patch_embed.norm_in.bias"]
+    dtype, d = weight.dtype, weight.shape[0]
+    folded = weight.float() * scale.float()  # (d, P·P·C): W diag(γ)
+    folded_bias = bias.float() + weight.float() @ shift.float()  # b + W β
+    conv = folded.reshape(d, P[0], P[1], source).permute(0, 3, 1, 2)  # (d, C, P, P)
+    adapted = _adapt_conv(target, conv, source).permute(0, 2, 3, 1).reshape(d, -1)  # (d, P·P·C')
+    features = P[0] * P[1] * target
+    return {
+        "patch_embed.proj.weight": adapted.to(dtype),
+        "patch_embed.proj.bias": folded_bias.to(dtype),
+        "patch_embed.norm_in.weight": torch.ones(features, dtype=scale.dtype),
+        "patch_embed.norm_in.bias": torch.zeros(features, dtype=shift.dtype),
+    }
 
 
 def resample_to_model(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:

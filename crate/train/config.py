@@ -54,6 +54,9 @@ class TrainConfig:
     val_split: str = "validation"  # the split evaluated on (built-in datasets: their test split)
     labels_per_class: int = 0  # digits: k training labels per class, drawn with the seed (0: all)
     num_classes: int = 0  # the class count, for datasets that do not declare theirs (0: the dataset's)
+    # image channels the model takes; 0: the dataset's (1 for Fashion-MNIST); fine-tuning adapts the
+    # loaded first layer as timm does
+    in_chans: int = 0
     eval_crop_pct: float = 0.0  # evaluation resize/crop ratio (0: the model's, e.g. 0.875: 256 -> 224)
     eval_crop_mode: str = "center"  # timm's crop_mode: "center", or "squash" (resize without cropping)
     output: str = "runs/fashion-mnist"  # run folder: config.json, metrics.jsonl, checkpoints

@@ -79,7 +79,12 @@ def set_up(config: TrainConfig) -> Run:
     seed_everything(config.seed)  # the same initial model (and EMA) on every rank
 
     train_set, test_set = open_datasets(config)
-    model = build_model(config, dataset_classes(config, train_set), load_weights=not resuming)
+    model = build_model(
+        config,
+        dataset_classes(config, train_set),
+        not resuming,
+        1 if isinstance(train_set, data.InMemoryImages) else 0,
+    )
     if distributed.is_main and model.finetune_report is not None:
         (output / "finetune.txt").write_text(f"{model.finetune_report}\n")
     if config.grad_checkpointing:
@@ -256,15 +261,19 @@ def transforms(config: TrainConfig, data_config: dict) -> tuple:
 
 
 def build_model(
-    config: TrainConfig, num_classes: int | None = None, load_weights: bool = True
+    config: TrainConfig, num_classes: int | None = None, load_weights: bool = True, dataset_chans: int = 0
 ) -> torch.nn.Module:
     """timm.create_model(config.model) with the task's class count and the drop-path rate; with
     --finetune (and ``load_weights``: a resumed run restores every weight itself) the source's weights,
     all but the classifier (crate/weights/sources.py), and with --freeze every parameter but the classifier's
     frozen. The note on what was loaded is logged and kept as ``model.finetune_report``."""
     num_classes = num_classes if num_classes is not None else dataset_classes(config)
+    in_chans = config.in_chans or dataset_chans  # 0: the model's own (an image folder is read in its mode)
     model = timm.create_model(
-        split_model_name_tag(config.model)[0], drop_path_rate=config.drop_path, num_classes=num_classes
+        split_model_name_tag(config.model)[0],
+        drop_path_rate=config.drop_path,
+        num_classes=num_classes,
+        **(dict(in_chans=in_chans) if in_chans else {}),
     )
     model.finetune_report = None
     if config.finetune and load_weights:

@@ -144,22 +144,9 @@ def read(folder: Path, device="cpu") -> dict:
     """A checkpoint folder's tensors and state, each file checked against its digest; CheckpointError
     naming the file that is missing, truncated, corrupt or carries more than tensors and plain data."""
     folder = Path(folder)
-    if (folder / DIGESTS).exists():
-        try:
-            digests = json.loads((folder / DIGESTS).read_text())
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{folder / DIGESTS} is unreadable: {error}") from error
-    else:  # written before checkpoints carried digests: the loads below still catch truncation
-        log.warning("%s has no %s: its files are read unchecked", folder, DIGESTS)
-        digests = {}
-    for name, digest in digests.items():
-        path = folder / name
-        try:
-            actual = _sha256(path)
-        except OSError as error:
-            raise CheckpointError(f"{path} is missing or unreadable: {error}") from error
-        if actual != digest:
-            raise CheckpointError(f"{path} is truncated or corrupt (its sha256 differs from {DIGESTS})")
+    digests = _digests(folder)
+    for name in digests:
+        _check(folder / name, digests)
     try:
         state = torch.load(folder / "state.pt", map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -173,11 +160,145 @@ def read(folder: Path, device="cpu") -> dict:
     for name in ("model", "ema"):
         path = folder / f"{name}.safetensors"
         if path.exists():
-            try:
-                tensors[name] = load_file(path, device=str(device))
-            except (OSError, SafetensorError) as error:
-                raise CheckpointError(f"{path} is unreadable: {error}") from error
+            tensors[name] = _load_safetensors(path, device)
     return dict(state, **tensors)
+
+
+def read_model(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint folder's model.safetensors, checked against its digest: CheckpointError naming the
+    file that is missing, truncated or corrupt (state.pt, the optimizer's, is neither read nor checked)."""
+    folder = Path(folder)
+    path = folder / "model.safetensors"
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist (a checkpoint folder holds model.safetensors)")
+    _check(path, _digests(folder))
+    return _load_safetensors(path, device)
+
+
+def read_weights(path: Path, device="cpu") -> tuple[dict[str, torch.Tensor], Path]:
+    """(model tensors, the checkpoint folder they came from) of a run folder or a checkpoint folder,
+    checked against sha256.json. A run folder gives its newest intact checkpoint: each newer one that
+    is not is named in a warning with why, and skipped. A checkpoint folder named explicitly that is
+    not intact raises CheckpointError saying why and which checkpoint beside it is intact."""
+    path = Path(path)
+    if is_checkpoint(path):
+        try:
+            return read_model(path, device), path
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {_instead(path)}") from error
+    refused = []
+    for folder in run_checkpoints(path):
+        try:
+            weights = read_model(folder, device)
+        except CheckpointError as error:
+            refused.append(f"skipping {folder.name}: {error}")
+            continue
+        if refused:
+            log.warning("%s; reading %s instead", "; ".join(refused), folder)
+        return weights, folder
+    raise CheckpointError(f"no intact checkpoint in {path}: " + "; ".join(refused))
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A folder the trainer wrote as one checkpoint: checkpoint-<step>/, or one holding
+    model.safetensors or sha256.json (a run folder holds neither)."""
+    path = Path(path)
+    files = (path / DIGESTS, path / "model.safetensors")
+    return path.name.startswith("checkpoint-") or any(file.exists() for file in files)
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """A run folder's checkpoints, newest first (the one ``latest`` names, then the others by step);
+    MissingError when it has none."""
+    run = Path(run)
+    if (run / LATEST).is_file():
+        return candidates(run)
+    folders = sorted(run.glob("checkpoint-*"), reverse=True)
+    if not folders:
+        raise MissingError(
+            f"{run} holds no checkpoint (expected {run / LATEST} and checkpoint-<step>/ folders, "
+            "which crate train writes)"
+        )
+    return folders
+
+
+def _instead(folder: Path) -> str:
+    """Which checkpoint beside ``folder`` (in its run folder) is intact, for the message."""
+    for other in sorted(folder.parent.glob("checkpoint-*"), reverse=True):
+        if other == folder:
+            continue
+        try:
+            read_model(other)
+        except CheckpointError:
+            continue
+        return f"{other} is intact: pass it, or the run folder {folder.parent}, which falls back to it"
+    return f"no other checkpoint in {folder.parent} is intact"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256.json of a checkpoint folder ({} for one written before checkpoints carried digests)."""
+    if not (folder / DIGESTS).exists():  # the loads still catch truncation
+        log.warning("%s has no %s: its files are read unchecked", folder, DIGESTS)
+        return {}
+    try:
+        return json.loads((folder / DIGESTS).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder / DIGESTS} is unreadable: {error}") from error
+
+
+def _check(path: Path, digests: dict[str, str]) -> None:
+    """CheckpointError unless ``path`` is there and matches its digest (when it has one)."""
+    try:
+        actual = _sha256(path)
+    except OSError as error:
+        raise CheckpointError(f"{path} is missing or unreadable: {error.strerror or error}") from error
+    if path.name in digests and actual != digests[path.name]:
+        raise CheckpointError(_damage(path))
+
+
+def _damage(path: Path) -> str:
+    """What is wrong with a file whose digest does not match: truncated (a .safetensors file shorter
+    than its header describes), else corrupt."""
+    truncated = safetensors_truncation(path) if path.suffix == ".safetensors" else None
+    return truncated or f"{path} is corrupt: its sha256 does not match the digest in {path.parent / DIGESTS}"
+
+
+def safetensors_truncation(path: Path) -> str | None:
+    """The message when a .safetensors file is shorter than its header says (8 bytes of length, the
+    JSON header, the tensors' data), else None: not truncated, or a header too corrupt to say."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length >= 100_000_000:  # safetensors' own limit on a header: corrupt
+            return None
+        if size < 8 + length:
+            return f"{path} is truncated: {size} bytes, less than its own header"
+        try:
+            header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+    expected = 8 + length + max(ends, default=0)
+    return (
+        f"{path} is truncated: {size} bytes of the {expected} its header describes"
+        if size < expected
+        else None
+    )
+
+
+def _load_safetensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors; CheckpointError when it does not parse."""
+    try:
+        return load_file(path, device=str(device))
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(unreadable_safetensors(path)) from error
+
+
+def unreadable_safetensors(path: Path) -> str:
+    """Why a .safetensors file does not load, without the library's own words."""
+    return safetensors_truncation(path) or (
+        f"{path} is not a readable safetensors file: its header or tensors do not parse (corrupt)"
+    )
 
 
 def restore(output: Path, model, optimizer, ema=None, device="cpu", rank: int = 0) -> int:

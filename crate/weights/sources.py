@@ -2,8 +2,10 @@
 `crate audit SOURCE`.
 
 SOURCE is one of:
-- a run folder (its config.json names the model; the latest checkpoint is read);
-- a checkpoint folder (model.safetensors; the run's config.json one level up names the model);
+- a run folder (its config.json names the model; its newest intact checkpoint is read: one whose
+  model.safetensors does not match sha256.json is named in a warning and the one before it read);
+- a checkpoint folder (model.safetensors, checked against sha256.json; the run's config.json one level
+  up names the model);
 - a weights file: .safetensors, or a .pth/.pt/.bin state dict in this project's names, timm's, or a
   released layout (Ma-Lab-Berkeley/CRATE, UCSC-VLAA/CRATE-alpha), training wrappers unwrapped;
 - a timm model name with published weights, optionally tagged (`crate_alpha_base_patch16_224.in21k`,
@@ -19,13 +21,15 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import split_model_name_tag
 
 from ..errors import InvalidError, MissingError
 from ..models import CRATE, convert_official_state_dict
-from ..models.released import fit_problems, resample_to_model
+from ..models.released import adapt_input_channels, fit_problems, input_channels, resample_to_model
 from . import checkpoint
+from .checkpoint import read_weights, step_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -68,27 +72,41 @@ def source_model_name(source: str | Path) -> str | None:
 
 def _read_path(path: Path) -> Source:
     model_name = source_model_name(path)
-    if (path / "config.json").is_file():
-        path = checkpoint.latest(path)
     if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise MissingError(f"no checkpoint at {path} (expected a run folder, a checkpoint folder or a file)")
+        if not checkpoint.is_checkpoint(path) and not (path / "config.json").is_file():
+            raise MissingError(
+                f"{path} is neither a run folder (config.json and checkpoint-<step>/ folders) nor a "
+                "checkpoint folder (model.safetensors and sha256.json)"
+            )
+        state, folder = checkpoint.read_weights(path)  # digests checked, a run's newest intact one
+        return Source(state, model_name, str(folder / "model.safetensors"))
     if path.suffix not in WEIGHT_SUFFIXES:
         raise InvalidError(f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
-    try:
-        state = (
-            load_file(path)
-            if path.suffix == ".safetensors"
-            else torch.load(path, map_location="cpu", weights_only=True)
-        )
-    except Exception as error:  # safetensors, pickle and zip each raise their own types
-        raise InvalidError(
-            f"{path} cannot be read as a state dict: {type(error).__name__}: {error}"
-        ) from error
+    state = _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickled(path)
     if not isinstance(state, dict):
         raise InvalidError(f"{path} holds a {type(state).__name__}, not a state dict")
     return Source(convert_official_state_dict(state), model_name, str(path))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise InvalidError(checkpoint.unreadable_safetensors(path)) from error
+
+
+def _load_pickled(path: Path):
+    """torch.load(weights_only=True) of a .pth/.pt/.bin file. Its errors are not passed on: for a
+    file it refuses, torch advises weights_only=False, which runs whatever the file pickles."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch each raise their own types
+        raise InvalidError(
+            f"{path} is not a readable PyTorch state dict: it is truncated, corrupt, or pickles more than "
+            "tensors and plain data (which torch.load(weights_only=True) refuses, and which is unsafe to "
+            "load); save the weights as .safetensors (safetensors.torch.save_file(model.state_dict(), "
+            "...)) where they were made, or pass a run or checkpoint folder"
+        ) from error
 
 
 def _read_timm(name: str) -> Source:
@@ -110,11 +128,12 @@ class LoadReport:
     loaded: int = 0
     not_loaded: dict[str, str] = field(default_factory=dict)  # key -> why
     resampled: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # the first layer, for another channel count
 
     def __str__(self) -> str:
         lines = [f"fine-tuning from {self.source}: {self.loaded} tensors loaded"]
         lines += [f"  not loaded: {key}: {why}" for key, why in self.not_loaded.items()]
-        lines += [f"  {note}" for note in self.resampled]
+        lines += [f"  {note}" for note in self.resampled + self.adapted]
         return "\n".join(lines)
 
 
@@ -127,7 +146,9 @@ def classifier_prefix(model: torch.nn.Module) -> str:
 def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
     """Load every tensor of ``model`` except its classifier from ``source``, strictly: a missing,
     unexpected or mis-shaped key raises a ValueError naming each. The classifier keeps its fresh
-    initialisation (the new task's classes); a position embedding of another patch grid is resampled."""
+    initialisation (the new task's classes); a position embedding of another patch grid is resampled,
+    and a first layer for another number of image channels adapted as timm does (3 → in_chans=1: summed
+    over RGB; crate/models/released.py adapt_input_channels)."""
     report = LoadReport(source.description)
     head = classifier_prefix(model) + "."
     state = {key: value for key, value in source.state.items()}
@@ -144,6 +165,9 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
             f"pos_embed resampled from {before} to {model.pos_embed.shape[1]} positions "
             "(bicubic; the prefix tokens' kept)"
         )
+    state, adapted = adapt_input_channels(state, model)
+    if adapted:
+        report.adapted.append(adapted)
     problems = fit_problems(state, model, head)
     if problems:
         raise InvalidError(
@@ -157,19 +181,49 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
 
 def build_model(source: Source, model_name: str | None = None, **kwargs) -> tuple[torch.nn.Module, str]:
     """(model with the source's weights loaded strictly, head included, in eval mode; its name): the
-    architecture is ``model_name``, else the one the source names; the class count is the source's."""
+    architecture is ``model_name``, else the one the source names; the class count and image channels
+    are the source's."""
     name = model_name or source.model_name
     if name is None:
         raise InvalidError(
             f"{source.description} names no architecture (no config.json): pass the timm model name"
         )
     head = source.state.get("head.weight")
-    model = timm.create_model(
-        split_model_name_tag(name)[0], num_classes=int(head.shape[0]) if head is not None else 0, **kwargs
-    )
+    kwargs = dict(num_classes=int(head.shape[0]) if head is not None else 0) | kwargs
+    model = timm.create_model(split_model_name_tag(name)[0], **kwargs)
+    channels = input_channels(source.state, model)
+    if "in_chans" not in kwargs and channels not in (None, input_channels(model.state_dict(), model)):
+        model = timm.create_model(split_model_name_tag(name)[0], **kwargs, in_chans=channels)  # as trained
     state = convert_official_state_dict(source.state, model) if isinstance(model, CRATE) else source.state
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise InvalidError(f"{source.description} does not fit {name}: {error}") from error
     return model.eval(), name
+
+
+def load_run(run: str | Path, checkpoint: str | Path | int | None = None, device="cpu") -> torch.nn.Module:
+    """The model a `crate train` run folder trained, in eval mode on ``device``: built from its
+    config.json (the model name, and in_chans and img_size where the run set them; the class count and
+    image channels are otherwise the checkpoint's) with the weights of its newest intact checkpoint,
+    or of ``checkpoint`` (a checkpoint folder, one's name inside the run folder, or a step). Each
+    checkpoint is checked against its sha256.json (crate/weights/checkpoint.py read_weights)."""
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise MissingError(
+            f"{run} is not a run folder: expected {run / 'config.json'} and checkpoint-<step>/ folders, "
+            "which crate train writes (other weights: crate.weights.sources.read_source and build_model)"
+        )
+    config = json.loads((run / "config.json").read_text())
+    state, folder = read_weights(_checkpoint_in(run, checkpoint))
+    overrides = {key: config[key] for key in ("in_chans", "img_size") if config.get(key)}
+    model, _ = build_model(Source(state, config["model"], str(folder)), config["model"], **overrides)
+    return model.to(device)
+
+
+def _checkpoint_in(run: Path, checkpoint: str | Path | int | None) -> Path:
+    if checkpoint is None:
+        return run
+    if isinstance(checkpoint, int):
+        return step_folder(run, checkpoint)
+    return Path(checkpoint) if Path(checkpoint).is_dir() else run / checkpoint

@@ -58,7 +58,7 @@ def test_a_released_pth_is_converted_and_a_timm_name_is_understood(tmp_path):
     "content, error, message",
     [
         (None, FileNotFoundError, r"neither a file or folder .* nor a timm model name"),
-        (b"not a checkpoint", ValueError, r"cannot be read as a state dict"),
+        (b"not a checkpoint", ValueError, r"missing.pth is not a readable PyTorch state dict"),
     ],
 )
 def test_a_bad_source_is_named_with_what_was_expected(tmp_path, content, error, message):
