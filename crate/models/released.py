@@ -124,7 +124,7 @@ def _check_fits(state_dict: dict, model: nn.Module, layout: str | None) -> None:
         source = f"a released {layout} checkpoint" if layout else "the checkpoint"
         raise InvalidError(
             f"{source} does not fit {type(model).__name__} ({model.config.dim} wide, "
-            f"{len(model.blocks)} layers):\n  " + "\n  ".join(problems)
+            f"{len(model.blocks)} layers): " + "; ".join(problems)
         )
 
 

@@ -172,7 +172,7 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
     if problems:
         raise InvalidError(
             f"{source.description} does not fit {type(model).__name__}: every tensor but the classifier "
-            "must load\n  " + "\n  ".join(problems)
+            "must load: " + "; ".join(problems)
         )
     model.load_state_dict(state, strict=False)
     report.loaded = len(state)
