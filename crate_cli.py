@@ -10,6 +10,7 @@ COMMANDS = {
     "eval": ("crate.evaluate", "top-1, top-5, loss and images/s of trained weights on a dataset"),
     "audit": ("crate.audit", "the white-box audit: per-layer compression and sparsity, attention maps"),
     "verify": ("crate.verify.command", "check a model against the derived CRATE on a device and precision"),
+    "export": ("crate.export", "write trained weights in a released key layout (CRATE or CRATE-α)"),
 }
 
 

@@ -22,9 +22,10 @@ output stream Z^{ℓ+1} = Z^{ℓ+½} + D₁a₂ is not sparse, because of the re
 - the decoder's distance from the encoder, ‖D₁ − D‖_F / ‖D‖_F (0: tied, the LASSO's reconstruction).
 
 Pictures: the per-layer figure of the paper (compression and sparsity against depth, with spread:
-the ISTA output's for CRATE, the codes' for CRATE-α), the cls token's attention per head over the
-image, and the PCA of the patch features (first three components as RGB), as in "Emergence of
-Segmentation with Minimalistic White-Box Transformers".
+the ISTA output's for CRATE, the codes' for CRATE-α), the attention per head over the image of the
+tokens the head reads (the cls token, or all tokens averaged for a mean-pooled model), and the PCA
+of the patch features (first three components as RGB), as in "Emergence of Segmentation with
+Minimalistic White-Box Transformers".
 """
 
 import contextlib
@@ -275,61 +276,83 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_layers(layers: list[dict], path: Path, title: str = "") -> Path:
-    """The paper's layer-wise figure: compression (before/after MSSA) and sparsity against depth
-    (CRATE: of the ISTA output Z^{ℓ+1}; CRATE-α: of the ODL codes a₂, and a₁ dashed)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def band_label(images: int | None) -> str:
+    """The legend entry of the shaded bands: what their width is."""
+    return f"shaded: mean ± 1 s.d. over the {f'{images} ' if images else ''}images"
+
+
+def layers_figure(layers: list[dict], title: str = "", images: int | None = None):
+    """The paper's layer-wise figure: compression (before/after MSSA) and sparsity against depth
+    (CRATE: of the ISTA output Z^{ℓ+1}; CRATE-α: of the ODL codes a₂, and a₁ dashed), the lines the
+    batch means, the bands one standard deviation over its images. Labels in mathtext ($...$)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
     depth = np.arange(len(layers))
+    band = Patch(facecolor="gray", alpha=0.3, label=band_label(images))
 
-    def series(key):
-        return np.array([r[key]["mean"] for r in layers]), np.array([r[key]["std"] for r in layers])
+    def draw(axis, key, label, style, color):
+        mean = np.array([r[key]["mean"] for r in layers])
+        std = np.array([r[key]["std"] for r in layers])
+        axis.plot(depth, mean, style, color=color, label=label)
+        axis.fill_between(depth, mean - std, mean + std, color=color, alpha=0.2)
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label, color in [
-        ("compression_in", "input LN₁(Z^ℓ)", "tab:blue"),
-        ("compression_out", "after MSSA LN₁(Z^{ℓ+½})", "tab:orange"),
-    ]:
-        mean, std = series(key)
-        left.plot(depth, mean, "o-", color=color, label=label)
-        left.fill_between(depth, mean - std, mean + std, color=color, alpha=0.2)
-    left.set(xlabel="layer ℓ", ylabel="R^c (normalised, ε = 0.1)", title="compression")
-    left.legend()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    draw(left, "compression_in", r"layer input $\mathrm{LN}_1(Z^{\ell})$", "o-", "tab:blue")
+    draw(left, "compression_out", r"after MSSA $\mathrm{LN}_1(Z^{\ell+1/2})$", "o-", "tab:orange")
+    left.set(
+        ylabel=r"$R^c$ per image (nats; unit head-tokens, $\epsilon$ = 0.1)",
+        title=r"compression $R^c$ (lower: more compressed)",
+    )
     if is_alpha(layers):
-        for key, label, style, color in [
-            ("nonzero_a2", "codes a₂ (the block's output codes)", "o-", "tab:green"),
-            ("nonzero_a1", "codes a₁ (after the first step)", "s--", "tab:olive"),
-        ]:
-            mean, std = series(key)
-            right.plot(depth, mean, style, color=color, label=label)
-            right.fill_between(depth, mean - std, mean + std, color=color, alpha=0.2)
-        right.set(
-            xlabel="layer ℓ", ylabel="‖a‖₀ / (N·4d)", title="sparsity of the ODL codes (fraction non-zero)"
-        )
-        right.legend()
+        draw(right, "nonzero_a2", r"codes $a_2$ (the block's output codes)", "o-", "tab:green")
+        draw(right, "nonzero_a1", r"codes $a_1$ (after the first step)", "s--", "tab:olive")
+        right.set(ylabel=r"fraction of the $N \times 4d$ codes non-zero", title="sparsity of the ODL codes")
     else:
-        mean, std = series("nonzero")
-        right.plot(depth, mean, "o-", color="tab:green")
-        right.fill_between(depth, mean - std, mean + std, color="tab:green", alpha=0.2)
-        right.set(xlabel="layer ℓ", ylabel="‖Z^{ℓ+1}‖₀ / (N·d)", title="sparsity (fraction non-zero)")
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
+        draw(right, "nonzero", r"ISTA output $Z^{\ell+1}$", "o-", "tab:green")
+        right.set(
+            ylabel=r"fraction of the $N \times d$ entries non-zero", title="sparsity of the ISTA output"
+        )
+    for axis in (left, right):
+        axis.set(xlabel=r"layer $\ell$ (0 = first)", xticks=depth)
+        axis.legend(handles=[*axis.get_legend_handles_labels()[0], band], fontsize=8)
+    images_note = f", {images} images" if images else ""
+    figure.suptitle(f"White-box audit per layer{': ' + title if title else ''}{images_note}")
+    return figure
+
+
+def plot_layers(layers: list[dict], path: Path, title: str = "", images: int | None = None) -> Path:
+    """``layers_figure`` written to ``path`` (PNG)."""
+    figure = layers_figure(layers, title, images)
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
+
+
+def readout(model: CRATE) -> str:
+    """What the head reads: "cls" (the cls token) or "mean" (the mean of all tokens, cls included)."""
+    return model.global_pool
 
 
 @torch.no_grad()
 def attention_maps(model: CRATE, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """The cls token's attention over the patches in ``layer``: (B, K, H/P, W/P)."""
+    """The attention of the tokens the head reads, over the patches, in ``layer``: (B, K, H/P, W/P).
+    A cls-pooled model: the cls token's row. A mean-pooled model, whose head reads the mean of all N
+    tokens: the rows averaged over all N queries (cls included). Keys: the patches (cls dropped)."""
     states = model.forward_intermediates(
         images, intermediates_only=True, return_layer_states=True, return_attention=True, indices=[layer]
     )
-    attention = states[0].attention[:, :, 0, 1:]  # (B, K, patches): cls queries, patch keys
+    attention = states[0].attention[..., 1:]  # (B, K, N queries, patch keys)
+    attention = attention[:, :, 0] if readout(model) == "cls" else attention.mean(2)
     return attention.unflatten(-1, model.patch_embed.grid_size)
 
 
@@ -356,39 +379,67 @@ def _display(image: torch.Tensor, mean, std) -> np.ndarray:
     return image.permute(1, 2, 0).squeeze(-1).numpy()
 
 
-def plot_attention(model: CRATE, images: torch.Tensor, path: Path, layer: int = -1, mean=(0.5,), std=(0.5,)):
-    """Per image: the image, each head's cls attention overlaid, the head average, and the PCA."""
-    import matplotlib
+ATTENTION_UNITS = "attention weight on a patch (a map's patches sum to at most 1)"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def attention_title(model: CRATE, layer: int) -> str:
+    depth = len(model.blocks)
+    where = f"layer {layer % depth} of 0..{depth - 1}"
+    if readout(model) == "cls":
+        return f"Attention of the cls token (the head's readout) over the patches, {where}"
+    return f"Attention averaged over all query tokens (the head reads their mean) over the patches, {where}"
+
+
+def attention_figure(model: CRATE, images: torch.Tensor, layer: int = -1, mean=(0.5,), std=(0.5,)):
+    """Per image: the image, each head's readout attention (``attention_maps``) overlaid on one
+    colour scale (its bar), the head average, and the PCA of the patch features."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     maps = attention_maps(model, images, layer)
     maps = F.interpolate(maps.float(), size=images.shape[-2:], mode="nearest")
     pca = F.interpolate(patch_pca(model, images, layer).float(), size=images.shape[-2:], mode="nearest")
     B, K = maps.shape[:2]
+    norm = Normalize(0.0, maps.max().item())
     columns = K + 3
-    figure, axes = plt.subplots(B, columns, figsize=(1.6 * columns, 1.7 * B), squeeze=False)
+    figure, axes = plt.subplots(
+        B, columns, figsize=(1.7 * columns + 1.5, 1.8 * B + 0.9), squeeze=False, layout="constrained"
+    )
     for b in range(B):
         picture = _display(images[b], mean, std)
         panels = (
-            [("image", None)] + [(f"head {k}", maps[b, k]) for k in range(K)] + [("mean", maps[b].mean(0))]
+            [("image", None)]
+            + [(f"head {k}", maps[b, k]) for k in range(K)]
+            + [("head mean", maps[b].mean(0))]
         )
         for column, (label, overlay) in enumerate(panels):
             axis = axes[b, column]
-            axis.imshow(picture, cmap="gray")
+            axis.imshow(picture, cmap="gray", vmin=0, vmax=1)
             if overlay is not None:
-                axis.imshow(overlay.numpy(), cmap="inferno", alpha=0.6)
+                axis.imshow(overlay.numpy(), cmap="inferno", norm=norm, alpha=0.6)
             axis.set_title(label if b == 0 else "", fontsize=8)
         axes[b, -1].imshow(pca[b].permute(1, 2, 0).numpy())
-        axes[b, -1].set_title("PCA" if b == 0 else "", fontsize=8)
-    for axis in axes.flat:
-        axis.axis("off")
-    depth = len(model.blocks)
-    figure.suptitle(f"cls-token attention, layer {layer % depth} (layers 0..{depth - 1})", fontsize=9)
-    figure.tight_layout()
+        axes[b, -1].set_title("PCA (RGB = PC 1-3)" if b == 0 else "", fontsize=8)
+        axes[b, 0].set_ylabel(f"image {b}: y (px)", fontsize=7)
+    for axis in axes[:, 1:].flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    for axis in axes[-1]:
+        axis.set_xlabel("x (px)", fontsize=7)
+    for axis in axes[:, 0]:
+        axis.tick_params(labelsize=6)
+    bar = figure.colorbar(ScalarMappable(norm, "inferno"), ax=axes[:, 1 : K + 2], shrink=0.9)
+    bar.set_label(ATTENTION_UNITS, fontsize=7)
+    figure.suptitle(attention_title(model, layer), fontsize=9)
+    return figure
+
+
+def plot_attention(model: CRATE, images: torch.Tensor, path: Path, layer: int = -1, mean=(0.5,), std=(0.5,)):
+    """``attention_figure`` written to ``path`` (PNG)."""
+    figure = attention_figure(model, images, layer, mean, std)
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
 
 
@@ -414,7 +465,7 @@ def write_report(
     paths["markdown"].write_text(
         f"# White-box audit{': ' + title if title else ''}\n\n{markdown_table(layers)}\n{legend}"
     )
-    paths["layers"] = plot_layers(layers, output / "layers.png", title)
+    paths["layers"] = plot_layers(layers, output / "layers.png", title, len(images))
     paths["attention"] = plot_attention(
         model, images[:attention_images], output / "attention.png", layer=layer, mean=mean, std=std
     )

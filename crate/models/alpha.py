@@ -28,9 +28,17 @@ BLOCK_NORM_EPS = 1e-6  # the released blocks' LayerNorms; the head's keeps PyTor
 class ConvPatchEmbed(nn.Module):
     """P×P patches by a Conv2d (kernel = stride = P, with bias), tokens row-major over the grid."""
 
-    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int):
+    def __init__(
+        self,
+        img_size: tuple[int, int],
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        strict_img_size: bool = True,
+    ):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.strict_img_size = strict_img_size  # the convolution takes any size; the model checks it
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)

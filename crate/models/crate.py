@@ -15,6 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..errors import MissingError
 from .alpha import ALPHA_VARIANTS, HUB_ID, IN21K_CLASSES, IN21K_FOLDER, PRETRAINED, CRATEAlpha
+from .hub import hub_cache, hub_unreachable, require_hub_weights
 from .model import CRATE, IMAGENET_MEAN, IMAGENET_STD, VARIANTS
 from .released import convert_official_state_dict
 
@@ -78,6 +79,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs):
     model_class, config = MODELS[variant]
     if pretrained and model_class is CRATEAlpha:
         kwargs = _with_hub_file(variant, kwargs)
+        cfg = resolve_pretrained_cfg(
+            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        )
+        require_hub_weights(f"{variant}.{cfg.tag}", cfg)
     return build_model_with_cfg(
         model_class,
         variant,
@@ -195,18 +200,24 @@ def _hub_listing() -> tuple[list[str], str]:
     """(files of the Hub repository, where the list came from): the Hub, else the local cache."""
     import huggingface_hub
 
-    try:
-        return huggingface_hub.list_repo_files(HUB_ID), "the Hub's listing"
-    except Exception as error:  # offline, no network, or the Hub unreachable: fall back to the cache
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+    reason = hub_unreachable()
+    if reason is None:
+        try:
+            return huggingface_hub.list_repo_files(HUB_ID), "the Hub's listing"
+        except Exception as error:  # offline, no network, or the Hub unreachable: fall back to the cache
+            failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            reason = f"the Hub could not be listed ({failure})"
+    cache = hub_cache()
+    if not cache.is_dir():  # a machine that never downloaded anything (scan_cache_dir: CacheNotFound)
+        return [], f"the local Hugging Face cache {cache} does not exist, and {reason}"
     files = [
         file.file_path.relative_to(revision.snapshot_path).as_posix()
-        for repo in huggingface_hub.scan_cache_dir().repos
+        for repo in huggingface_hub.scan_cache_dir(cache).repos
         if repo.repo_id == HUB_ID and repo.repo_type == "model"
         for revision in repo.revisions
         for file in revision.files
     ]
-    return files, f"the local Hugging Face cache, since the Hub could not be listed ({reason})"
+    return files, f"the local Hugging Face cache {cache}, since {reason}"
 
 
 @register_model

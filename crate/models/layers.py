@@ -17,9 +17,17 @@ def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 class PatchEmbed(nn.Module):
     """Patches flattened (row in patch, column in patch, channel), then LayerNorm → Linear → LayerNorm."""
 
-    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int):
+    def __init__(
+        self,
+        img_size: tuple[int, int],
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        strict_img_size: bool = True,
+    ):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.strict_img_size = strict_img_size  # False: any size patch_size divides (timm's name)
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         patch_dim = patch_size * patch_size * in_chans
@@ -29,9 +37,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # sizes from the configuration (the model checked the images), so that a traced or exported
-        # graph has only the batch size free
+        # graph has only the batch size free; the images' own grid when not strict
         B, C, P = images.shape[0], self.in_chans, self.patch_size
         h, w = self.grid_size
+        if not self.strict_img_size:
+            h, w = images.shape[2] // P, images.shape[3] // P
         grid = images.reshape(B, C, h, P, w, P)  # (B, C, h, p1, w, p2)
         patches = grid.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, P * P * C)  # (B, n, p1·p2·c)
         return self.norm_out(self.proj(self.norm_in(patches)))  # (B, n, d)

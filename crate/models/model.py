@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InvalidError
 from .layers import MSSA, NORM_EPS, DropPath, PatchEmbed, pair
 from .recompute import in_eager_autograd, norm_outputs_recomputed
+from .released import resample_position_embedding
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -108,6 +109,9 @@ class CRATEConfig:
     drop_rate: float = 0.0  # dropout after the position embedding, after W_out and before the head
     drop_path_rate: float = 0.0  # stochastic depth of the MSSA branch, linear in depth
     fused_attn: bool = True  # SDPA, or symmetric_attention where its backward is inaccurate; False: explicit
+    # as timm's ViTs: images of any size divisible by patch_size, the position embedding resampled to
+    # their patch grid at forward time (bicubic, the cls token's kept); img_size is the embedding's grid
+    dynamic_img_size: bool = False
 
     def __post_init__(self):
         size = pair(self.img_size)
@@ -142,9 +146,10 @@ class CRATEConfig:
 
 @torch.fx.wrap
 def checked_images(
-    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str
+    images: torch.Tensor, in_chans: int, img_size: tuple[int, int], model: str, patch_size: int = 0
 ) -> torch.Tensor:
-    """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W).
+    """The images, unchanged, once checked: a floating-point tensor of shape (B, in_chans, H, W), H × W
+    = ``img_size``, or with ``patch_size`` (a model of dynamic_img_size) any H × W it divides.
 
     A leaf of torch.fx traces (torch.fx.wrap) whose output the graph uses, so that a traced model
     still checks its input when it runs; TorchScript compiles it (the type test is Python's only).
@@ -160,13 +165,20 @@ def checked_images(
             f"{model} expects floating-point images, got {images.dtype}; "
             "convert with .float() (and normalise) first"
         )
+    if patch_size > 0 and images.dim() == 4 and images.shape[1] == in_chans:
+        if images.shape[2] % patch_size or images.shape[3] % patch_size:
+            raise InvalidError(
+                f"{model} (dynamic_img_size) expects images whose height and width are multiples of "
+                f"patch_size={patch_size}, got {images.shape[2]}×{images.shape[3]}; resize or pad them"
+            )
+        return images
     expected = (in_chans, img_size[0], img_size[1])
     if images.dim() != 4 or (images.shape[1], images.shape[2], images.shape[3]) != expected:
         got = ", ".join([str(size) for size in images.shape])
         raise InvalidError(
             f"{model} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
-            f"got ({got}); build the model with in_chans/img_size to match "
-            "(position embeddings of a checkpoint are resampled by convert_official_state_dict)"
+            f"got ({got}); build the model with in_chans/img_size to match, or with dynamic_img_size=True "
+            "for any size (position embeddings of a checkpoint are resampled by convert_official_state_dict)"
         )
     return images
 
@@ -189,12 +201,17 @@ class CRATE(nn.Module):
         self.num_classes, self.global_pool = config.num_classes, config.pool
         self.num_features = self.head_hidden_size = self.embed_dim = dim
         self.num_prefix_tokens = 1
+        self.dynamic_img_size = config.dynamic_img_size
         self.grad_checkpointing = False
         self.recompute_norms = True  # training keeps the LayerNorms' inputs, not their outputs
         self.class_name = type(self).__name__  # names the model in input errors (TorchScript has no type())
 
         self.patch_embed = self.patch_embed_class(
-            pair(config.img_size), config.patch_size, config.in_chans, config.dim
+            pair(config.img_size),
+            config.patch_size,
+            config.in_chans,
+            config.dim,
+            strict_img_size=not config.dynamic_img_size,
         )
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))  # standard normal, as the official init
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim))
@@ -221,9 +238,32 @@ class CRATE(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, d): the stream entering the first layer."""
         embed = self.patch_embed
+        if not torch.jit.is_scripting():  # TorchScript: the configured size only
+            if self.dynamic_img_size:
+                return self._embed_dynamic(images)
         x = embed(checked_images(images, embed.in_chans, embed.img_size, self.class_name))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.pos_drop(x)
+
+    @torch.jit.unused
+    def _embed_dynamic(self, images: torch.Tensor) -> torch.Tensor:
+        """``embed`` for images of any size the patch divides: the position embedding resampled from
+        the configured grid to theirs, as timm's VisionTransformer._pos_embed with dynamic_img_size."""
+        embed = self.patch_embed
+        x = embed(checked_images(images, embed.in_chans, embed.img_size, self.class_name, embed.patch_size))
+        grid = self.patch_grid(images)
+        pos_embed = self.pos_embed
+        if grid != tuple(embed.grid_size):
+            pos_embed = resample_position_embedding(pos_embed, grid, embed.grid_size, self.num_prefix_tokens)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
+    def patch_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) patches of ``images``: the configured grid, or theirs with dynamic_img_size."""
+        if self.dynamic_img_size:
+            P = self.patch_embed.patch_size
+            return images.shape[-2] // P, images.shape[-1] // P
+        return self.patch_embed.grid_size
 
     def run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         """One layer as the training step runs it: checkpointed, or with its norm outputs recomputed."""
@@ -293,7 +333,7 @@ class CRATE(nn.Module):
         prefix = [y[:, : self.num_prefix_tokens] for y in outputs]
         spatial = [y[:, self.num_prefix_tokens :] for y in outputs]
         if output_fmt == "NCHW":
-            h, w = self.patch_embed.grid_size
+            h, w = self.patch_grid(images)
             spatial = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
         return list(zip(spatial, prefix, strict=True)) if return_prefix_tokens else spatial
 

@@ -27,6 +27,8 @@ from timm.models import split_model_name_tag
 
 from ..errors import InvalidError, MissingError
 from ..models import CRATE, convert_official_state_dict
+from ..models.crate import MODELS
+from ..models.hub import require_hub_weights
 from ..models.released import adapt_input_channels, fit_problems, input_channels, resample_to_model
 from . import checkpoint
 from .checkpoint import read_weights, step_folder
@@ -116,6 +118,8 @@ def _read_timm(name: str) -> Source:
             f"{name}: timm knows the model but has no published weights for it "
             f"(timm.list_pretrained('{split_model_name_tag(name)[0]}*') lists the tags that do)"
         )
+    if split_model_name_tag(name)[0] not in MODELS:  # the crate registry checks its own
+        require_hub_weights(name, cfg)
     model = timm.create_model(name, pretrained=True)
     return Source(model.state_dict(), split_model_name_tag(name)[0], f"timm's pretrained {name}")
 
