@@ -49,6 +49,15 @@ CASES = {
         ["verify", "{tmp}/stranger.safetensors", "--model", "crate_mini_patch7_28"],
         "stranger.safetensors",
     ),
+    "export: missing source": (
+        ["export", "{tmp}/nowhere", "--layout", "official", "--output", "{tmp}/x"],
+        "nowhere",
+    ),
+    "export: no layout": (["export", "{tmp}/corrupt.pth", "--output", "{tmp}/x"], "--layout"),
+    "export: stranger weights": (
+        ["export", "{tmp}/stranger.safetensors", "--layout", "official", "--output", "{tmp}/x.safetensors"],
+        "stranger.safetensors",
+    ),
 }
 
 

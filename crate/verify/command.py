@@ -24,9 +24,11 @@ import torch
 from timm.models import split_model_name_tag
 
 from .. import errors
+from ..errors import InvalidError
 from ..runtime import default_device
 from ..weights import sources
 from . import rule
+from .families import model_family
 from .gate import EXIT_FAILED, Report, check_model
 from .rule import default_precision
 
@@ -44,6 +46,10 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
         model = timm.create_model(args.source, **overrides)
     else:
         model, _ = sources.build_model(sources.read_source(args.source), args.model, **overrides)
+    if model_family(model) is None:
+        raise InvalidError(
+            f"{args.source}: {type(model).__name__} is neither CRATE nor CRATE-α: there is no reference"
+        )
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.recompute_norms = args.recompute_norms
     return model.to(device=args.device, dtype=rule.PRECISIONS[PRECISIONS[args.precision]][0]).train()

@@ -198,11 +198,15 @@ def build_model(source: Source, model_name: str | None = None, **kwargs) -> tupl
     channels = input_channels(source.state, model)
     if "in_chans" not in kwargs and channels not in (None, input_channels(model.state_dict(), model)):
         model = timm.create_model(split_model_name_tag(name)[0], **kwargs, in_chans=channels)  # as trained
-    state = convert_official_state_dict(source.state, model) if isinstance(model, CRATE) else source.state
+    try:
+        state = convert_official_state_dict(source.state, model) if isinstance(model, CRATE) else source.state
+    except InvalidError as error:
+        raise InvalidError(f"{source.description}: {error}") from error
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise InvalidError(f"{source.description} does not fit {name}: {error}") from error
+        reason = " ".join(str(error).split())  # torch's message spans lines
+        raise InvalidError(f"{source.description} does not fit {name}: {reason}") from error
     return model.eval(), name
 
 
