@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from crate import data
 from crate.data import Digits
 from crate.evaluate import evaluate_source, measure
 from crate.weights import checkpoint
@@ -48,10 +49,12 @@ def test_a_known_answer_on_the_digits_test_split(tmp_path, name):
     assert result["model"] == name and result["precision"] == "float32" and result["eval_images_per_s"] > 0
 
 
-def test_evaluation_of_a_trained_run_repeats_its_own_last_evaluation(trained_run):
-    """The fixture's run evaluated its first 1000 Fashion-MNIST test images in bf16 autocast where the
-    CPU has it; `crate eval` on the same images with the same precision policy gives the same numbers."""
+def test_evaluation_of_a_trained_run_repeats_its_own_last_evaluation(trained_run, monkeypatch):
+    """The fixture's run evaluated its first 1000 Fashion-MNIST test images (--eval-subset) in bf16
+    autocast where the CPU has it; `crate eval` on the same images (--max-images draws a seeded sample:
+    here the first 1000 instead) with the same precision policy gives the same numbers."""
     run, final = trained_run
+    monkeypatch.setattr("crate.data.sample", lambda dataset, size, seed: data.first(dataset, size))
     result = evaluate_source(str(run), "fashion-mnist", max_images=1000, workers=0, progress=False)
     assert result["eval_images"] == final["eval_images"] == 1000
     assert result["top1"] == final["top1"] and result["top5"] == final["top5"]
