@@ -1,14 +1,15 @@
 """`crate audit CHECKPOINT`: the white-box audit (crate.analysis) of a trained CRATE or CRATE-α.
 
-    crate audit runs/demo-crate_mini_patch7_28                     # a run folder (model from config.json)
+    crate audit runs/demo-crate_mini_patch7_28            # a run folder: its model, on its own dataset
     crate audit crate_tiny.pth --model crate_tiny_patch16_224 --data /data/imagenet/val
-    crate audit crate_alpha_B16.pth --model crate_alpha_base_patch16_224 --data /data/imagenet/val
-    crate audit run/checkpoint-00005616 --data fashion-mnist --images 128
+    crate audit crate_alpha_B16.pth --model crate_alpha_base_patch16_224 --dataset imagenet --data /data/in1k
+    crate audit run/checkpoint-00005616 --dataset digits --images 128 --seed 1
 
 CHECKPOINT is a run folder, a checkpoint folder (model.safetensors), a .safetensors file or a .pth
 state dict in a released layout (Ma-Lab-Berkeley/CRATE or UCSC-VLAA/CRATE-alpha key names).
---data is "fashion-mnist" or a folder of images (searched recursively).
-Writes audit.json, audit.md, layers.png and attention.png and prints the table.
+--dataset, --data and --split are `crate eval`'s (a run measures on its own dataset by default), and
+so are the images: the split through the model's evaluation transform, --images of them drawn with
+--seed. Writes audit.json, audit.md, layers.png and attention.png and prints the table.
 """
 
 from pathlib import Path
@@ -17,12 +18,10 @@ import timm
 import timm.data
 import torch
 
-from . import analysis, errors
-from .data import FashionMNIST
-from .errors import InvalidError, MissingError
+from . import analysis, data, errors
+from .errors import InvalidError
+from .evaluate import add_dataset_flags, dataset_flags, evaluation_split
 from .weights import sources
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def load_model(path: Path, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
@@ -54,22 +53,18 @@ def _check_family(state: dict, model_name: str, path: Path) -> None:
         )
 
 
-def load_images(data: str, model: torch.nn.Module, count: int) -> torch.Tensor:
-    """The first ``count`` images of Fashion-MNIST's test split, or of an image folder (sorted paths),
-    transformed for the model's default data configuration."""
-    if data == "fashion-mnist":
-        test = FashionMNIST(split="test")
-        return torch.stack([test[i][0] for i in range(min(count, len(test)))])
-    folder = Path(data)
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise MissingError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
-    from PIL import Image
-
-    config = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(**config)
-    mode = "L" if config["input_size"][0] == 1 else "RGB"
-    return torch.stack([transform(Image.open(p).convert(mode)) for p in paths[:count]])
+def load_images(
+    model: torch.nn.Module, dataset: str, root: str | None, split: str, count: int, seed: int = 0
+) -> torch.Tensor:
+    """``count`` images of the split drawn with ``seed``, as `crate eval` reads them (crate.data.open_split,
+    the model's evaluation transform); unreadable ones are skipped, their paths logged."""
+    evaluation, _ = evaluation_split(model, dataset, root, split)
+    chosen = data.sample(evaluation, count, seed)
+    samples = [chosen[index] for index in range(len(chosen))]
+    images = [sample[0] for sample in samples if sample is not None]
+    if not images:
+        raise InvalidError(f"{dataset} ({split}) has no readable image to audit")
+    return torch.stack(images)
 
 
 @errors.command("crate audit")
@@ -77,13 +72,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = errors.Parser(prog="crate audit", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--model", help="timm model name (read from the run's config.json when present)")
-    parser.add_argument("--data", default="fashion-mnist", help='"fashion-mnist" or a folder of images')
-    parser.add_argument("--images", type=int, default=64, help="how many images to measure on")
+    add_dataset_flags(parser)
+    parser.add_argument(
+        "--images", type=int, default=64, help="how many images to measure on (drawn with --seed)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="which images --images draws")
     parser.add_argument("--layer", type=int, default=-1, help="layer of the attention maps (default: last)")
     parser.add_argument("--output", type=Path, help="default: <checkpoint>/audit")
     args = parser.parse_args(argv)
+    dataset, root, split = dataset_flags(args.checkpoint, args.dataset, args.data, args.split)
     model, name = load_model(args.checkpoint, args.model)
-    images = load_images(args.data, model, args.images)
+    images = load_images(model, dataset, root, split, args.images, args.seed)
     output = (
         args.output or (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "audit"
     )
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         images,
         output,
-        title=f"{name} on {args.data}",
+        title=f"{name} on {dataset} ({split})",
         mean=config["mean"],
         std=config["std"],
         layer=args.layer,

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     _report(summary, output)
     if args.model.startswith("crate"):
         model, _ = load_model(output)
-        images = load_images("fashion-mnist", model, 64)
+        images = load_images(model, "fashion-mnist", None, "test", 64)
         paths = analysis.write_report(
             model,
             images,

@@ -1,10 +1,11 @@
-"""Where and how a process computes: its rank and device (torchrun), the bf16 policy, seeding, and the
-CPU allocator setting of training."""
+"""Where and how a process computes: its rank and device (torchrun), the bf16 policy, seeding, the
+CPU allocator setting of training, and how often a progress bar redraws."""
 
 import ctypes
 import ctypes.util
 import os
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def progress_interval() -> float:
+    """tqdm's ``mininterval``: redraw 10 times a second on a terminal; a log file (stderr not a TTY) gets
+    a line every 30 s instead of one carriage-return-joined line of every update."""
+    return 0.1 if sys.stderr.isatty() else 30
 
 
 # -- the CPU allocator -------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""crate/runtime.py: after keep_freed_memory(), re-allocating a freed tensor takes no new pages.
-
-Each case runs in its own process: mallopt changes the process for good.
+"""crate/runtime.py: after keep_freed_memory(), re-allocating a freed tensor takes no new pages (each
+case in its own process: mallopt changes the process for good); progress bars throttled in a log.
 """
 
+import io
 import subprocess
 import sys
 
 import pytest
+
+from crate import runtime
 
 ALLOCATE = """
 import resource, sys, torch
@@ -36,3 +38,14 @@ def test_freed_memory_is_reused_without_page_faults():
     default = faults_per_reallocation("default")
     assert default > 0, "glibc reused the block by default: the control no longer shows the difference"
     assert faults_per_reallocation("kept") <= default // 100
+
+
+def test_a_progress_bar_redraws_often_on_a_terminal_and_every_30_s_in_a_log(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert runtime.progress_interval() == 0.1
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert runtime.progress_interval() == 30

@@ -10,19 +10,22 @@ from .builtin import (
     read_idx,
 )
 from .datasets import (
+    ImageFilesSkippingCorrupt,
     ImageFolderSkippingCorrupt,
     class_count,
     collate_skipping_none,
+    is_dataset_name,
     open_dataset,
     open_split,
 )
-from .samplers import ResumableSampler, SeededSamples, ShardSampler, first
+from .samplers import ResumableSampler, SeededSamples, ShardSampler, first, sample
 from .transforms import eval_transform, prepare, train_transform
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "Digits",
     "FashionMNIST",
+    "ImageFilesSkippingCorrupt",
     "ImageFolderSkippingCorrupt",
     "InMemoryImages",
     "ResumableSampler",
@@ -33,9 +36,11 @@ __all__ = [
     "eval_transform",
     "fashion_mnist_root",
     "first",
+    "is_dataset_name",
     "open_dataset",
     "open_split",
     "prepare",
     "read_idx",
+    "sample",
     "train_transform",
 ]

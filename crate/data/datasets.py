@@ -4,6 +4,8 @@ dataset timm's factory or torchvision names; unreadable images skipped with thei
 import logging
 from pathlib import Path
 
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import InvalidError, MissingError
@@ -12,33 +14,46 @@ from .builtin import Digits, FashionMNIST
 log = logging.getLogger(__name__)
 
 
-class ImageFolderSkippingCorrupt(Dataset):
-    """torchvision's ImageFolder, except that an unreadable image is logged with its path and
-    dropped from the batch (``collate_skipping_none``) instead of stopping the run."""
+class ImageFilesSkippingCorrupt(Dataset):
+    """Image files with their labels, ``samples`` [(path, class index)], read with PIL as RGB; an unreadable
+    image (corrupt, truncated, not an image) is None, which ``collate_skipping_none`` drops: never
+    replaced by another image. Its path is logged once and kept in ``skipped``, over every DataLoader
+    worker and epoch: the flags live in shared memory, which forked or spawned workers write into."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform=None):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+
+    @property
+    def skipped(self) -> list[str]:
+        """The paths of the unreadable images met so far, in sample order."""
+        return [str(self.samples[index][0]) for index in self.unreadable.nonzero().flatten().tolist()]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB")  # decodes the pixels: a truncated file fails here
+        except Exception as error:  # PIL raises several types for corrupt files
+            if not self.unreadable[index]:
+                self.unreadable[index] = True
+                log.warning("skipping unreadable image %s: %s", path, error)
+            return None
+        return (self.transform(image) if self.transform else image), target
+
+
+class ImageFolderSkippingCorrupt(ImageFilesSkippingCorrupt):
+    """torchvision's ImageFolder layout (root/<class>/*, classes in sorted order), unreadable images
+    skipped as ``ImageFilesSkippingCorrupt`` does."""
 
     def __init__(self, root: str | Path, transform=None):
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root))
-        self.transform = transform
-        self.skipped: list[str] = []
-
-    @property
-    def classes(self) -> list[str]:
-        return self.folder.classes
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int):
-        path, target = self.folder.samples[index]
-        try:
-            image = self.folder.loader(path)
-        except Exception as error:  # PIL raises several types for corrupt files
-            log.warning("skipping unreadable image %s: %s", path, error)
-            self.skipped.append(path)
-            return None
-        return (self.transform(image) if self.transform else image), target
+        folder = ImageFolder(str(root))
+        super().__init__(folder.samples, folder.classes, transform)
 
 
 def collate_skipping_none(batch: list):
@@ -58,6 +73,7 @@ TORCHVISION_DATASETS = {
     "torchvision/oxford_iiit_pet": ("OxfordIIITPet", "trainval", "test"),
 }
 TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "wds/", "tfds/")
+NAMES = ("fashion-mnist", "digits", "imagenet", "folder", *TORCHVISION_DATASETS)  # and timm's prefixed ones
 
 
 def open_dataset(
@@ -83,9 +99,10 @@ def open_dataset(
             import timm.data
 
             timm_name = "" if name == "folder" else name
-            return timm.data.create_dataset(
+            dataset = timm.data.create_dataset(
                 timm_name, root=str(root), split=split, is_training=training, download=download, **kwargs
             )
+            return _skipping_corrupt(dataset)
     except (RuntimeError, FileNotFoundError, OSError, AssertionError) as error:
         if download:
             raise
@@ -93,10 +110,27 @@ def open_dataset(
             f"dataset {name!r} ({split}) not found under {root}: {type(error).__name__}: {error}. "
             f"Pass --download to fetch it into {root}, or --data with the folder that holds it"
         ) from error
-    known = ", ".join(["fashion-mnist", "digits", "imagenet", "folder", *TORCHVISION_DATASETS])
     raise InvalidError(
-        f"unknown dataset {name!r}: use one of {known}, or a timm name ({', '.join(TIMM_PREFIXES)}...)"
+        f"unknown dataset {name!r}: use one of {', '.join(NAMES)}, or a timm name "
+        f"({', '.join(TIMM_PREFIXES)}...)"
     )
+
+
+def is_dataset_name(name: str) -> bool:
+    """Whether ``name`` names a dataset (``open_split`` takes it), for telling a name from a folder."""
+    return name in NAMES or name.startswith(TIMM_PREFIXES)
+
+
+def _skipping_corrupt(dataset):
+    """An image folder read by timm (its class order: natural sort of the folder names) with its
+    unreadable images skipped, not replaced by the next image as timm's ImageDataset does."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+
+    reader = getattr(dataset, "reader", None)
+    if not isinstance(reader, ReaderImageFolder):
+        return dataset
+    classes = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
+    return ImageFilesSkippingCorrupt(reader.samples, classes)
 
 
 def _torchvision_dataset(name: str, root: Path, split: str, download: bool):

@@ -1,5 +1,6 @@
 """Which samples a process reads, and in which order: the resumable training order, the evaluation
-shards, the seeded augmentation of each sample, and the first-n subsets of --train-subset."""
+shards, the seeded augmentation of each sample, the first-n subsets of --train-subset and the seeded
+subsets of `crate eval --max-images` and `crate audit --images`."""
 
 import contextlib
 import random
@@ -86,3 +87,12 @@ def first(dataset: Dataset, size: int) -> Dataset:
     subset = Subset(dataset, range(min(size, len(dataset))))
     subset.set_epoch = getattr(dataset, "set_epoch", lambda epoch: None)
     return subset
+
+
+def sample(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """``size`` samples of ``dataset`` drawn without replacement with ``seed``, in dataset order (all of
+    it when it has no more): a class-sorted folder gives every class its share, not the first ones."""
+    if size >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].sort().values.tolist())

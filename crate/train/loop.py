@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterator
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from .. import analysis
 from ..evaluate import measure
 from ..models import CRATE
-from ..runtime import precision_name
+from ..runtime import precision_name, progress_interval
 from ..weights import checkpoint
 from .config import TrainConfig
 from .faults import NonFiniteStepsError, PreemptedError, StopSignals, on_every_rank
@@ -44,7 +43,7 @@ def train(config: TrainConfig) -> dict:
     if run.distributed.is_main:
         _log_opening(run)
     progress = tqdm(
-        mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
+        mininterval=progress_interval(),  # a log file gets a line every 30 s
         total=run.total_steps,
         initial=run.step,
         disable=not run.distributed.is_main,

@@ -5,8 +5,10 @@ Fashion-MNIST IDX files of the Debian package (read, missing, corrupt), augmenta
 index in any worker order, and corrupt images skipped by name."""
 
 import gzip
+import logging
 import random
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from crate.data import (
     open_split,
     prepare,
     read_idx,
+    sample,
 )
 from crate.data.builtin import digits_split
 from crate.data.datasets import DEFAULT_DATA_ROOT
@@ -275,3 +278,54 @@ def test_corrupt_image_is_skipped_and_named(tmp_path, caplog):
     assert len(batch[1]) == 2
     assert dataset.skipped == [str(tmp_path / "b" / "broken.png")]
     assert "broken.png" in caplog.text
+
+
+def _folder_with_a_corrupt_image(root, per_class: int = 6):
+    """root/<a,b>/: 2 × ``per_class`` readable PNG and JPEG images (class-sorted), each of its own size
+    (8 + index, 8 + class), and a/5-broken.jpg: a JPEG header and nothing else. Returns its path."""
+    for label, height in (("a", 8), ("b", 9)):
+        (root / label).mkdir(parents=True)
+        for index in range(per_class):
+            suffix = "png" if index % 2 else "jpg"
+            Image.new("RGB", (8 + index, height), color=(90, 40, 200)).save(
+                root / label / f"{index}.{suffix}"
+            )
+    broken = root / "a" / "5-broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return broken
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_of_a_training_folder_is_skipped_not_replaced(tmp_path, capfd, workers):
+    """--dataset folder as training reads it (seeded samples, the trainer's collate): over two epochs
+    every readable image comes once per epoch, the broken one never and no other in its place, and its
+    path is logged once, with DataLoader workers too (timm's ImageDataset gave the next image instead,
+    logging an index)."""
+    broken = _folder_with_a_corrupt_image(tmp_path)
+    to_stderr = logging.StreamHandler(sys.stderr)  # as a run's log: a worker writes its own lines
+    logging.getLogger("crate.data").addHandler(to_stderr)
+    try:
+        train = open_split("folder", tmp_path, "train", training=True)
+        assert len(train) == 13 and class_count(train) == 2
+        prepare(train, lambda image: torch.tensor(image.size), (0.5,), (0.5,), channels=3)
+        seeded = SeededSamples(train, seed=0)
+        loader = DataLoader(seeded, 13, num_workers=workers, collate_fn=collate_skipping_none)
+        for epoch in range(2):
+            seeded.set_epoch(epoch)
+            (images, targets), *rest = list(loader)
+            assert not rest and len(targets) == 12
+            sizes = sorted(tuple(size) for size in images.tolist())  # each image once
+            assert sizes == sorted((8 + index, height) for height in (8, 9) for index in range(6))
+    finally:
+        logging.getLogger("crate.data").removeHandler(to_stderr)
+    assert train.skipped == [str(broken)]
+    assert capfd.readouterr().err.count(f"skipping unreadable image {broken}") == 1
+
+
+def test_a_sample_is_seeded_and_spread_over_a_class_sorted_folder():
+    dataset = list(range(100))  # any sized dataset: 50 of class 0, then 50 of class 1
+    first, again, other = (sample(dataset, 10, seed) for seed in (0, 0, 1))
+    assert list(first) == list(again) != list(other)
+    assert list(first) == sorted(first) and len(set(first)) == 10
+    assert 0 < sum(index >= 50 for index in first) < 10
+    assert sample(dataset, 100, 0) is dataset
