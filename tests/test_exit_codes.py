@@ -2,9 +2,11 @@
 line `crate COMMAND: error: ...` on stderr and exit code 2, no traceback, before any work."""
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
+import crate  # noqa: F401  (registers crate_* with timm)
 import crate_cli
 
 
@@ -16,9 +18,11 @@ def files(tmp_path):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 truncated zip")
     save_file({"weight": torch.zeros(2)}, tmp_path / "stranger.safetensors")
+    save_file(timm.create_model("crate_mini_patch7_28").state_dict(), tmp_path / "mini.safetensors")
     return tmp_path
 
 
+MINI = ["{tmp}/mini.safetensors", "--model", "crate_mini_patch7_28"]
 CASES = {
     "crate: unknown command": (["fly"], "crate: error: unknown command 'fly'"),
     "train: unknown option": (["train", "--no-such-option", "1"], "unrecognized arguments"),
@@ -41,6 +45,10 @@ CASES = {
     ),
     "eval: missing source": (["eval", "{tmp}/nowhere"], "nowhere"),
     "eval: corrupt source": (["eval", "{tmp}/corrupt.pth", "--model", "crate_mini_patch7_28"], "corrupt.pth"),
+    "eval: unknown dataset": (["eval", *MINI, "--dataset", "no-such-set"], "no-such-set"),
+    "eval: a dataset name as --data": (["eval", *MINI, "--data", "digits"], "--dataset digits"),
+    "eval: missing folder": (["eval", *MINI, "--dataset", "folder", "--data", "{tmp}/nowhere"], "nowhere"),
+    "audit: unknown dataset": (["audit", *MINI, "--dataset", "no-such-set"], "no-such-set"),
     "audit: missing source": (["audit", "{tmp}/nowhere"], "nowhere"),
     "audit: stranger weights": (["audit", "{tmp}/stranger.safetensors"], "stranger.safetensors"),
     "verify: missing source": (["verify", "{tmp}/nowhere"], "nowhere"),
