@@ -78,9 +78,13 @@ def measure(model, loader, device, autocast, progress: bool = False) -> dict:
 
 
 def run_config(source: str | Path) -> dict:
-    """The config.json of a run folder, or of the run a checkpoint folder is in; {} for anything else."""
+    """The config.json of a run folder, or of the run a checkpoint folder (or its model.safetensors) is
+    in; {} for anything else."""
     path = Path(source)
-    for folder in (path, path.parent) if path.is_dir() else ():
+    folders = (
+        (path, path.parent) if path.is_dir() else (path.parent, path.parent.parent) if path.is_file() else ()
+    )
+    for folder in folders:
         if (folder / "config.json").is_file():
             try:
                 return json.loads((folder / "config.json").read_text())

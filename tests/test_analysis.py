@@ -148,9 +148,9 @@ def test_image_folder_data_is_read_for_the_model(tmp_path):
     for i in range(3):
         Image.new("L", (40, 30), color=40 * i).save(tmp_path / f"{i}.png")
     model = CRATE(CRATEConfig(img_size=28, patch_size=4, in_chans=1, dim=8, depth=1, heads=2))
-    assert load_images(str(tmp_path), model, 8).shape == (3, 1, 28, 28)
-    with pytest.raises(FileNotFoundError, match="no images"):
-        load_images(str(tmp_path / "empty"), model, 8)
+    assert load_images(model, "folder", str(tmp_path), "validation", 8).shape == (3, 1, 28, 28)
+    with pytest.raises(FileNotFoundError, match="empty: no images there"):
+        load_images(model, "folder", str(tmp_path / "empty"), "validation", 8)
 
 
 class _MatchedNoise(torch.nn.Module):
@@ -173,7 +173,7 @@ def test_broken_mssa_raises_compression_where_the_trained_one_lowers_it(trained_
     """Layer by layer (the layers before it unchanged), replacing the MSSA output with matched-norm
     noise raises R^c wherever the trained model's MSSA lowers it."""
     model, _ = load_model(trained_run[0])
-    images = load_images("fashion-mnist", model, 32)
+    images = load_images(model, "fashion-mnist", None, "test", 32)
     trained = analysis.audit(model, images)
     lowered = [r["layer"] for r in trained if r["compression_change"]["mean"] < 0]
     assert lowered, "the trained model's MSSA lowers R^c in no layer"
@@ -196,7 +196,7 @@ def untrained():
     """crate_alpha_mini_patch4_28 at its seed-0 initialisation and 16 Fashion-MNIST test images."""
     torch.manual_seed(0)
     model = timm.create_model("crate_alpha_mini_patch4_28").eval()
-    return model, load_images("fashion-mnist", model, 16)
+    return model, load_images(model, "fashion-mnist", None, "test", 16)
 
 
 def test_lasso_does_not_increase_over_the_two_odl_steps_when_the_step_size_allows(untrained):
@@ -286,7 +286,7 @@ def test_audit_command_reads_an_alpha_run_folder_safetensors_and_released_pth(tm
     assert isinstance(model, CRATEAlpha)
     assert torch.equal(model.blocks[2].odl.D1, released["transformer.layers.2.1.fn.D1"].float())
     assert torch.equal(model.patch_embed.proj.weight, released["conv1.weight"].float())
-    paths = audit_main([str(pth), *options, str(tmp_path / "pth")])
+    paths = audit_main([str(pth), "--dataset", "fashion-mnist", *options, str(tmp_path / "pth")])
     layers = json.loads(paths["json"].read_text())["layers"]
     assert len(layers) == 6 and all(r["lasso_step2"]["mean"] < r["lasso_start"]["mean"] for r in layers)
 

@@ -106,6 +106,10 @@ def open_dataset(
     except (RuntimeError, FileNotFoundError, OSError, AssertionError) as error:
         if download:
             raise
+        if name == "folder":  # timm's folder reader asserts that it found images
+            raise MissingError(
+                f"--data {root}: no images there (expected image files, in one sub-folder per class)"
+            ) from error
         raise MissingError(
             f"dataset {name!r} ({split}) not found under {root}: {type(error).__name__}: {error}. "
             f"Pass --download to fetch it into {root}, or --data with the folder that holds it"

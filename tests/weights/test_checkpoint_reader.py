@@ -98,7 +98,7 @@ def test_a_damaged_checkpoint_folder_named_explicitly_is_refused_naming_the_inta
 def test_no_intact_checkpoint_is_one_line_and_exit_2(run, command, capsys):
     damage(checkpoint.step_folder(run, 2) / "model.safetensors", "truncate")
     damage(checkpoint.step_folder(run, 1) / "model.safetensors", "flip a bit")
-    argv = [str(run), "--data", "digits"] if command is evaluate.main else [str(run)]
+    argv = [str(run), "--dataset", "digits"]
     with pytest.raises(SystemExit) as exited:
         command(argv)
     error = capsys.readouterr().err.strip().splitlines()

@@ -280,7 +280,11 @@ TARGETS = (
                 "config.drop_path_rate * i / max(config.depth - 1, 1)",
                 "config.drop_path_rate + 0 * i",
             ),
-            Mutation("fast: no dropout after the position embedding", "return self.pos_drop(x)", "return x"),
+            Mutation(
+                "fast: no dropout after the position embedding",
+                "+ self.pos_embed\n        return self.pos_drop(x)",
+                "+ self.pos_embed\n        return x",
+            ),
             Mutation(
                 "fast: no dropout before the head",
                 "x = self.head_drop(self.fc_norm(x))",
@@ -459,8 +463,8 @@ TARGETS = (
             ),
             Mutation(
                 "white-box: cls maps are the patches' attention to cls",
-                "states[0].attention[:, :, 0, 1:]",
-                "states[0].attention[:, :, 1:, 0]",
+                "states[0].attention[..., 1:]",
+                "states[0].attention[..., 1:, :].transpose(-2, -1)",
             ),
             Mutation(
                 "white-box: cls maps transposed on the grid",
@@ -593,7 +597,11 @@ TARGETS = (
         "crate/weights/checkpoint.py",
         first=("test_train_faults.py", "test_train.py"),
         mutations=(
-            Mutation("checkpoint: digest not checked", "if actual != digest:", "if actual is None:"),
+            Mutation(
+                "checkpoint: digest not checked",
+                "and actual != digests[path.name]:",
+                "and actual is None:",
+            ),
             Mutation(
                 "checkpoint: latest written before the rename",
                 (
