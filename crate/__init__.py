@@ -22,7 +22,7 @@ from .models import (
 )
 
 if importlib.util.find_spec("timm") is not None:
-    from .models import baselines, crate  # noqa: F401  (register the models with timm, modules "crate" and "baselines")
+    from .models import baselines, crate, crate_mae  # noqa: F401  (register the models with timm: modules "crate", "crate_mae", "baselines")
     from .weights.sources import load_run
 
 __version__ = "0.1.0"

@@ -1,9 +1,9 @@
 """Slow, obviously-correct float64 reference for CRATE.
 
 The sparse rate reduction objective and its energies (``objective``), the layer steps derived from
-them by autograd (``steps``), the released CRATE and CRATE-α architectures written literally
-(``official``, ``official_alpha``) and sympy derivations for tiny cases (``symbolic``, imported on
-demand: it needs sympy).
+them by autograd (``steps``), the released CRATE, CRATE-α and CRATE-MAE architectures written
+literally (``official``, ``official_alpha``, ``official_mae``) and sympy derivations for tiny cases
+(``symbolic``, imported on demand: it needs sympy).
 """
 
 from .objective import (
@@ -30,6 +30,11 @@ from .official_alpha import (
     official_alpha_state_dict_shapes,
     random_official_alpha_state_dict,
 )
+from .official_mae import (
+    OfficialCRATEMAE,
+    official_mae_state_dict_shapes,
+    random_official_mae_state_dict,
+)
 from .steps import (
     COMPRESSION_MODES,
     compression_gradient,
@@ -44,6 +49,7 @@ __all__ = [
     "LayerStates",
     "OfficialCRATE",
     "OfficialCRATEAlpha",
+    "OfficialCRATEMAE",
     "SparseRateReduction",
     "attention_energy",
     "coding_rate",
@@ -58,10 +64,12 @@ __all__ = [
     "lasso_objective",
     "nonnegative_soft_threshold",
     "official_alpha_state_dict_shapes",
+    "official_mae_state_dict_shapes",
     "official_state_dict_shapes",
     "patchify",
     "proximal_gradient_steps",
     "random_official_alpha_state_dict",
+    "random_official_mae_state_dict",
     "random_official_state_dict",
     "sparse_rate_reduction",
 ]

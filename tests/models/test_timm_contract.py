@@ -21,7 +21,7 @@ from timm.models import FeatureInfo
 
 import crate
 
-NAMES = timm.list_models("crate_*")
+NAMES = timm.list_models(module="crate")  # the classifiers; CRATE-MAE is module "crate_mae"
 PATCH = {name: config["patch_size"] for name, config in (crate.VARIANTS | crate.ALPHA_VARIANTS).items()}
 
 
