@@ -48,7 +48,8 @@ def fast_round_trip_errors(
     model: CRATEMAE, images: torch.Tensor, masking: Masking | None = None
 ) -> torch.Tensor:
     """``round_trip_errors`` of a fast CRATEMAE on its embedding of ``images`` (every patch, or the
-    masked patches replaced by the mask token), in eval mode and the model's precision."""
+    masked patches replaced by the mask token), in the model's precision; pass a model in eval mode
+    (dropout and drop path would perturb the layers)."""
     with torch.no_grad():
         return round_trip_errors(list(model.blocks), list(model.decoder_blocks), model.embed(images, masking))
 
