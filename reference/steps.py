@@ -1,7 +1,8 @@
 """CRATE's layer steps, each derived from an objective by torch.autograd (docs/math.md §3, §4, §6a).
 
 The compression step is a gradient step on R^c (or on its Taylor polynomial, or on the softmax
-surrogate); the sparsification step is one proximal-gradient step on the non-negative LASSO. No
+surrogate); CRATE-MAE's decoder takes the same step the other way (the expansion step, docs/crate-mae.md);
+the sparsification step is one proximal-gradient step on the non-negative LASSO. No
 closed-form gradient appears here: verification/ compares these autograd results with the closed forms.
 """
 
@@ -50,6 +51,15 @@ def compression_step(
     """Z − κ·∇(objective of ``mode``): one compression (MSSA) step of the paper, docs/math.md §6a."""
     require_positive("kappa", kappa)
     return Z - kappa * compression_gradient(Z, U, eps, mode, temperature)
+
+
+def expansion_step(
+    Z: torch.Tensor, U: torch.Tensor, eps: float, kappa: float, mode: str = "exact", temperature: float = 1.0
+) -> torch.Tensor:
+    """Z + κ·∇(objective of ``mode``): one expansion step of CRATE-MAE's decoder, gradient ascent on R^c
+    or its surrogate, the compression step reversed (docs/crate-mae.md)."""
+    require_positive("kappa", kappa)
+    return Z + kappa * compression_gradient(Z, U, eps, mode, temperature)
 
 
 def nonnegative_soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:

@@ -66,12 +66,17 @@ TARGETS = (
     ),
     Target(
         "reference/steps.py",
-        first=("test_compression.py", "test_ista.py", "test_odl.py"),
+        first=("test_compression.py", "test_ista.py", "test_odl.py", "test_mae.py"),
         mutations=(
             Mutation(
                 "compression step ascends",
                 "return Z - kappa * compression_gradient",
                 "return Z + kappa * compression_gradient",
+            ),
+            Mutation(
+                "MAE: expansion step descends",
+                "return Z + kappa * compression_gradient",
+                "return Z - kappa * compression_gradient",
             ),
             Mutation("soft threshold sign", "torch.clamp_min(v - t, 0.0)", "torch.clamp_min(v + t, 0.0)"),
             Mutation(
@@ -148,6 +153,23 @@ TARGETS = (
             Mutation("α: one step, not two", "return [a1, a2]", "return [a1, a1]"),
             Mutation("α: missing ODL residual", "z_next = z_half + odl(z_half)", "z_next = odl(z_half)"),
             Mutation("α: block LayerNorm eps 1e-5", "LAYERNORM_EPS = 1e-6", "LAYERNORM_EPS = 1e-5"),
+        ),
+    ),
+    Target(
+        "reference/official_mae.py",
+        first=("test_mae.py", "test_mae_model.py"),
+        mutations=(
+            Mutation("reference MAE: decoder ρ·u + MSSA", "self.rho * u - mssa(u)", "self.rho * u + mssa(u)"),
+            Mutation(
+                "reference MAE: kept count rounded, not truncated",
+                "keep = int(L * (1 - mask_ratio))",
+                "keep = round(L * (1 - mask_ratio))",
+            ),
+            Mutation(
+                "reference MAE: masked patches unshuffled by the argsort, not its inverse",
+                "torch.gather(shuffled, 1, masking.ids_restore.unsqueeze(-1)",
+                "torch.gather(shuffled, 1, torch.argsort(masking.ids_restore).unsqueeze(-1)",
+            ),
         ),
     ),
     Target(
@@ -366,6 +388,57 @@ TARGETS = (
                 "fast α: decoder D₁ on its fan-out",
                 "nn.init.kaiming_uniform_(self.D1)",
                 'nn.init.kaiming_uniform_(self.D1, mode="fan_out")',
+            ),
+        ),
+    ),
+    Target(
+        "crate/models/mae.py",
+        first=("test_mae.py", "test_mae_model.py"),
+        mutations=(
+            Mutation(
+                "MAE: decoder u + MSSA, not u − MSSA",
+                "return u - self.attn(self.norm2(u))",
+                "return u + self.attn(self.norm2(u))",
+            ),
+            Mutation(
+                "MAE: mask token not applied",
+                "x = torch.where(masked, self.mask_token.to(x.dtype), x)",
+                "x = torch.where(masked, x, x)",
+            ),
+            Mutation(
+                "MAE: loss over all patches, not the masked ones",
+                "return (per_patch * mask).sum() / mask.sum()",
+                "return per_patch.mean()",
+            ),
+            Mutation(
+                "MAE: encoder adds no position embedding",
+                "return torch.cat([cls_tokens, x], dim=1) + self.pos_embed",
+                "return torch.cat([cls_tokens, x], dim=1)",
+            ),
+            Mutation(
+                "MAE: the highest noise kept",
+                "ids_shuffle = torch.argsort(noise, dim=1)",
+                "ids_shuffle = torch.argsort(noise, dim=1, descending=True)",
+            ),
+            Mutation(
+                "MAE: decoder linear step with Wᵀ",
+                "return self.linear(self.norm1(x))",
+                "return self.norm1(x) @ self.linear.weight",
+            ),
+            Mutation(
+                "MAE: norm_pix_loss with the biased variance",
+                "mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)",
+                "mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True, unbiased=False)",
+            ),
+            Mutation(
+                "MAE: encoder classifier keeps norm, not fc_norm",
+                'encoder[re.sub(r"^norm\\.", "fc_norm.", key)] = value',
+                "encoder[key] = value",
+            ),
+            Mutation(
+                "MAE: released checkpoint's shapes not checked",
+                "if key in expected and tuple(value.shape) != tuple(expected[key].shape)",
+                "if key in expected and False",
             ),
         ),
     ),
