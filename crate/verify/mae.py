@@ -336,8 +336,12 @@ def part_rows(models: MAEModels, part: Part, given: torch.Tensor, *, grad: bool,
     g = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * keep
 
     def gradients(out, inputs):
-        grads = torch.autograd.grad((out.double() * g.to(out.device)).sum(), inputs)
-        return [gradient.double().cpu() for gradient in grads]
+        """A parameter the output does not reach (a fast model that drops one) has gradient zero."""
+        grads = torch.autograd.grad((out.double() * g.to(out.device)).sum(), inputs, allow_unused=True)
+        return [
+            (torch.zeros_like(given) if gradient is None else gradient).double().cpu()
+            for gradient, given in zip(grads, inputs, strict=True)
+        ]
 
     kept = f" ({int(keep.sum())} of {keep.numel()} entries kept)" if part.relu else ""
     labels = [f"input{kept}"] + [_label(part, name) for name in names]
