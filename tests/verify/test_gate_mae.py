@@ -138,3 +138,38 @@ def test_precision_must_match_the_weights():
 def test_the_trainers_gate_applies_to_crate_mae():
     """crate/train/verification.py gates every model with a reference: a CRATE-MAE now has one."""
     assert has_reference(_model()) and not has_reference(torch.nn.Linear(2, 2))
+
+
+def _run(model, output):
+    """What crate/train/verification.py reads of a Run (crate/train/setup.py), for a CPU float32 run."""
+    from types import SimpleNamespace
+
+    distributed = SimpleNamespace(device=torch.device("cpu"), rank=0, is_main=True)
+    config = SimpleNamespace(skip_verify=False, amp=False, compile=False)
+    return SimpleNamespace(
+        config=config,
+        distributed=distributed,
+        model=model,
+        step=0,
+        telemetry_images=None,
+        output=output,
+        metrics_file=None,
+    )
+
+
+def test_the_trainers_gate_checks_a_crate_mae_run_before_its_first_step(tmp_path, monkeypatch):
+    """verify_run on a CRATE-MAE: checked, not skipped (it was "no float64 reference" before), its table
+    in verification.json; a fault stops the run with the gate's exit code."""
+    import json
+
+    from crate.train.verification import UnverifiedError, verify_run
+    from crate.verify import EXIT_FAILED
+
+    record = verify_run(_run(_model(), tmp_path))
+    assert record["passed"] is True and record["skipped"] is False
+    saved = json.loads((tmp_path / "verification.json").read_text())
+    assert {row["part"] for row in saved["reports"][0]["rows"]} == PARTS
+    inject(monkeypatch, "MAE decoder sign flipped")
+    with pytest.raises(UnverifiedError, match="decoder 0") as failure:
+        verify_run(_run(_model(), tmp_path))
+    assert failure.value.exit_code == EXIT_FAILED
