@@ -5,7 +5,8 @@ The rule, the plain implementations and the layer-by-layer machinery are the ins
 the trainer's gate run on a live model; this module builds the models of a test problem from a
 released-layout state dict and keeps the call signatures the tests use. ``python -m
 verification.precision`` prints the errors at CRATE-T layer shapes, ``--family alpha`` at CRATE-α
-layer shapes (m = 4d).
+layer shapes (m = 4d), ``--family mae`` CRATE-MAE's parts at CRATE-MAE-T shapes with one layer in
+each stack (crate/verify/mae.py through the gate).
 """
 
 import argparse
@@ -41,6 +42,7 @@ __all__ = [
 # OfficialAlphaProblem fields; CRATE-α's dictionaries have m = 4d atoms, that problem's default)
 CRATE_T_LAYER = dict(batch=2, tokens=197, heads=6, head_dim=64, depth=1, scale=1.0)
 TITLES = {
+    "mae": "CRATE-MAE-T parts, one layer per stack (B=2, 224², P=16, N=197, d=384, K=6, p=64, 75% masked)",
     "crate": "CRATE-T layer (B=2, N=197, d=384, K=6, p=64)",
     "alpha": "CRATE-α layer (B=2, N=197, d=384, K=6, p=64, m=4d=1536)",
 }
@@ -102,12 +104,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="Fast vs float64 reference errors at CRATE-T (or CRATE-α) layer shapes."
     )
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="crate")
+    parser.add_argument("--family", choices=[*sorted(FAMILIES), "mae"], default="crate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from verification.strategies import OfficialAlphaProblem, OfficialProblem
 
+    if args.family == "mae":
+        return mae_table(args.device, args.seed)
     family = FAMILIES[args.family]
     alpha = family is ALPHA_FAMILY
     precisions = [p for p in PRECISIONS if p != "tf32" or args.device == "cuda"]
@@ -141,6 +145,33 @@ def main() -> None:
                 if alpha:
                     row += f" | {check.kept}/{check.total}"
                 print(row, flush=True)
+
+
+def mae_table(device: str, seed: int) -> None:
+    """Per precision and attention path, each part's outputs and input gradient (train path), fast /
+    plain max abs error against the float64 reference, and the gate's verdict of every row."""
+    from crate.verify import check_model
+    from crate.verify.mae import models_from_state
+    from reference import random_official_mae_state_dict
+
+    shapes = dict(dim=384, depth=1, heads=6, head_dim=64, patch_size=16, channels=3, num_patches=196)
+    state = random_official_mae_state_dict(**shapes, generator=torch.Generator().manual_seed(seed))
+    images = torch.randn(
+        2, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
+    print(f"{TITLES['mae']} on {device}: max abs error vs float64 reference, fast / plain")
+    precisions = [p for p in PRECISIONS if p != "float64" and (p != "tf32" or device == "cuda")]
+    for precision in precisions:
+        for fused in (True, False):
+            models = models_from_state(state, heads=6, precision=precision, fused=fused, device=device)
+            report = check_model(models.fast.train(), precision, images=images.to(models.dtype))
+            cells = [
+                f"{row.part} {row.quantity.split(' (')[0]} {row.errors.fast:.2e} / {row.errors.plain:.2e}"
+                for row in report.rows
+                if row.path == "train" and (not row.quantity.startswith("grad") or "input" in row.quantity)
+            ]
+            attention = "fused" if fused else "explicit"
+            print(f"{precision} | {attention} | {report.verdict()} | " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

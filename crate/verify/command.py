@@ -5,6 +5,7 @@ float64 reference of the same weights, forward and backward, by the precision ru
     crate verify runs/demo-crate_mini_patch7_28 --precision float32  # a trained run folder
     crate verify crate_alpha_b16.pth --model crate_alpha_base_patch16_224 --compile
     crate verify crate_base_patch16_224 --device cuda --precision bf16-autocast --grad-checkpointing
+    crate verify crate_mae_mini_patch4_28                            # CRATE-MAE, part by part
 
 SOURCE is what `crate train --finetune` accepts (crate/weights/sources.py): a run or checkpoint folder,
 a .safetensors or .pth file (this project's names or a released layout; name the architecture with
@@ -28,7 +29,7 @@ from ..errors import InvalidError
 from ..runtime import default_device
 from ..weights import sources
 from . import rule
-from .families import model_family
+from .families import has_reference
 from .gate import EXIT_FAILED, Report, check_model
 from .rule import default_precision
 
@@ -46,12 +47,13 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
         model = timm.create_model(args.source, **overrides)
     else:
         model, _ = sources.build_model(sources.read_source(args.source), args.model, **overrides)
-    if model_family(model) is None:
+    if not has_reference(model):
         raise InvalidError(
             f"{args.source}: {type(model).__name__} is neither CRATE nor CRATE-α: there is no reference"
         )
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.recompute_norms = args.recompute_norms
+    if hasattr(model, "recompute_norms"):  # CRATE's and CRATE-α's; CRATE-MAE recomputes none
+        model.recompute_norms = args.recompute_norms
     return model.to(device=args.device, dtype=rule.PRECISIONS[PRECISIONS[args.precision]][0]).train()
 
 

@@ -12,6 +12,7 @@ from torch import nn
 import reference
 
 from ..models import CRATE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig
+from ..models.mae import CRATEMAE
 from ..models.released import official_layout
 from . import plain, plain_alpha
 
@@ -133,3 +134,8 @@ def model_family(model: nn.Module) -> Family | None:
     if isinstance(model, CRATEAlpha):
         return ALPHA_FAMILY
     return CRATE_FAMILY if isinstance(model, CRATE) else None
+
+
+def has_reference(model: nn.Module) -> bool:
+    """Whether the gate can check ``model``: a CRATE or CRATE-α of a family, or a CRATE-MAE (mae.py)."""
+    return model_family(model) is not None or isinstance(model, CRATEMAE)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..models.layers import DropPath
+from ..models.mae import CRATEMAE
+from . import mae
 from .layers import Models, layer_gradient_check, layer_results, models_from_model, reference_states
 from .rule import Errors, autocast, errors
 
@@ -90,15 +92,17 @@ class Report:
         )
 
     def table(self) -> str:
+        width = max([8] + [len(row.part) for row in self.rows])  # "decoder 11" is CRATE-MAE's longest
         header = (
-            f"{'path':<9} {'part':<8} {'quantity':<40} {'error':>9} {'plain':>9} {'ratio':>6} {'bound':>9}"
+            f"{'path':<9} {'part':<{width}} {'quantity':<40} {'error':>9} {'plain':>9} {'ratio':>6} "
+            f"{'bound':>9}"
         )
         lines = [header + "  verdict"]
         for row in self.rows:
             e = row.errors
             ratio = "     -" if not e.plain else (f"{e.ratio:6.2f}" if e.ratio < 1000 else f"{e.ratio:6.0e}")
             lines.append(
-                f"{row.path:<9} {row.part:<8} {row.quantity:<40} {e.fast:9.2e} {e.plain:9.2e} {ratio} "
+                f"{row.path:<9} {row.part:<{width}} {row.quantity:<40} {e.fast:9.2e} {e.plain:9.2e} {ratio} "
                 f"{e.bound:9.2e}  {'ok' if row.holds else 'FAIL'}"
             )
         return "\n".join(lines)
@@ -138,17 +142,60 @@ def check_model(
     compiled: bool = False,
     paths: tuple[str, ...] = PATHS,
 ) -> Report:
-    """Check ``model`` (CRATE or CRATE-α, on its device, in the dtype of ``precision``) by the rule.
+    """Check ``model`` (CRATE, CRATE-α or CRATE-MAE, on its device, in the dtype of ``precision``) by
+    the rule.
 
     ``images``: the inputs (e.g. a run's first images; by default ``batch`` seeded standard-normal
     ones, the statistics of normalised images). ``compiled``: every part, and the whole model, run
     through torch.compile. The model's training flag is restored; dropout and drop-path are held off
     while it is checked (their masks are random; verification/test_training_mode.py proves their exact
-    per-sample semantics). The global random state is left as it was."""
+    per-sample semantics). The global random state is left as it was. A CRATEMAE is checked part by
+    part as mae.py says, its masking drawn by noise seeded with ``seed``."""
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the reference's construction draws: a run's stream stays
-        return _check(model, precision, images, batch, seed, compiled, paths)
+        check = _check_mae if isinstance(model, CRATEMAE) else _check
+        return check(model, precision, images, batch, seed, compiled, paths)
+
+
+def _default_images(
+    model: nn.Module, images: torch.Tensor | None, batch: int, seed: int, dtype
+) -> torch.Tensor:
+    if images is None:
+        generator = torch.Generator().manual_seed(seed)
+        size = model.patch_embed.img_size
+        images = torch.randn(batch, model.config.in_chans, *size, generator=generator, dtype=torch.float64)
+    return images.to(dtype).cpu()
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def _check_mae(model, precision, images, batch, seed, compiled, paths) -> Report:
+    start = time.perf_counter()
+    config = model.config
+    options = dict(
+        fused_attn=config.fused_attn,
+        grad_checkpointing=model.grad_checkpointing,
+        drop_path_rate=config.drop_path_rate,
+        drop_rate=config.drop_rate,
+        mask_ratio=config.mask_ratio,
+        norm_pix_loss=config.norm_pix_loss,
+    )
+    with _deterministic(model):
+        models, rows = mae.rows(
+            model,
+            precision,
+            _default_images(model, images, batch, seed, next(model.parameters()).dtype),
+            seed=seed,
+            compiled=compiled,
+            paths=paths,
+        )
+    report = Report(_model_name(model), str(models.device), precision, compiled, options)
+    report.rows = [Row(*row) for row in rows]
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def _check(model, precision, images, batch, seed, compiled, paths) -> Report:
@@ -162,13 +209,8 @@ def _check(model, precision, images, batch, seed, compiled, paths) -> Report:
         drop_path_rate=config.drop_path_rate,
         drop_rate=config.drop_rate,
     )
-    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    report = Report(name, str(models.device), precision, compiled, options)
-    if images is None:
-        generator = torch.Generator().manual_seed(seed)
-        size = model.patch_embed.img_size
-        images = torch.randn(batch, config.in_chans, *size, generator=generator, dtype=torch.float64)
-    images = images.to(models.dtype).cpu()
+    report = Report(_model_name(model), str(models.device), precision, compiled, options)
+    images = _default_images(model, images, batch, seed, models.dtype)
     runners = Runners.of(model, compiled)
     with _deterministic(model):
         stream = models.reference.embed(images.double())

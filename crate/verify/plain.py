@@ -41,14 +41,11 @@ def depth(state: dict) -> int:
     return layers
 
 
-def compress(
-    state: dict, layer: int, x: torch.Tensor, heads: int, attention: str = "explicit", eps: float = LN_EPS
-) -> torch.Tensor:
-    """Z^{ℓ+½} = x + MSSA(LN₁(x)); W_out's bias is added where the state dict has one (CRATE-α's
-    has none), and LN₁ has ``eps`` (CRATE 1e-5, CRATE-α 1e-6)."""
-    key = f"transformer.layers.{layer}.0."
-    B, N, _ = x.shape
-    w = F.linear(layer_norm(x, state, key + "norm", eps), state[key + "fn.qkv.weight"])
+def mssa(state: dict, key: str, y: torch.Tensor, heads: int, attention: str = "explicit") -> torch.Tensor:
+    """MSSA(y) of the PreNorm at ``key`` (its ``fn.qkv`` and, where the state dict has it,
+    ``fn.to_out.0``; none when one head spans the width): explicit matmul-softmax or SDPA."""
+    B, N, _ = y.shape
+    w = F.linear(y, state[key + "fn.qkv.weight"])
     w = w.reshape(B, N, heads, -1).permute(0, 2, 1, 3)  # (B, K, N, p)
     if attention == "sdpa":
         o = F.scaled_dot_product_attention(w, w, w)
@@ -57,12 +54,25 @@ def compress(
     o = o.permute(0, 2, 1, 3).reshape(B, N, -1)
     if key + "fn.to_out.0.weight" in state:
         o = F.linear(o, state[key + "fn.to_out.0.weight"], state.get(key + "fn.to_out.0.bias"))
-    return x + o
+    return o
+
+
+def compress(
+    state: dict, layer: int, x: torch.Tensor, heads: int, attention: str = "explicit", eps: float = LN_EPS
+) -> torch.Tensor:
+    """Z^{ℓ+½} = x + MSSA(LN₁(x)); W_out's bias is added where the state dict has one (CRATE-α's
+    has none), and LN₁ has ``eps`` (CRATE 1e-5, CRATE-α 1e-6)."""
+    key = f"transformer.layers.{layer}.0."
+    return x + mssa(state, key, layer_norm(x, state, key + "norm", eps), heads, attention)
 
 
 def ista_preactivation(state: dict, layer: int, z: torch.Tensor, eta=0.1, lam=0.1) -> torch.Tensor:
     """u + η(uW − uWᵀW) − ηλ with u = LN₂(z), the official three-matmul form (before the ReLU)."""
-    key = f"transformer.layers.{layer}.1."
+    return ista_preactivation_at(state, f"transformer.layers.{layer}.1.", z, eta, lam)
+
+
+def ista_preactivation_at(state: dict, key: str, z: torch.Tensor, eta=0.1, lam=0.1) -> torch.Tensor:
+    """``ista_preactivation`` of the PreNorm(ISTA) at ``key`` (its ``norm`` and ``fn.weight``)."""
     u = layer_norm(z, state, key + "norm")
     W = state[key + "fn.weight"]
     x1 = F.linear(u, W)  # u·Wᵀ

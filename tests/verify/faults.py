@@ -1,9 +1,10 @@
 """Deliberately wrong fast paths, injected by monkeypatching the fast model's kernels (never by
 editing the package), that the gate must catch: each a (module, attribute, replacement) patch."""
 
+import torch
 import torch.nn.functional as F
 
-from crate.models import alpha, layers, model
+from crate.models import alpha, layers, mae, model
 
 
 def scale_off(original):
@@ -54,12 +55,42 @@ def drop_path_unscaled(original):
     return forward
 
 
+def decoder_sign_flipped(original):
+    """The decoder's expansion with the sign of the encoder's: u + MSSA(LN₂ u), not u − MSSA(LN₂ u)."""
+
+    def expand(self, u):
+        return u + self.attn(self.norm2(u))
+
+    return expand
+
+
+def mask_token_ignored(original):
+    """CRATE-MAE's embedding that forgets to put the mask token on the masked patches."""
+
+    def embed(self, images, masking=None):
+        return original(self, images, None)
+
+    return embed
+
+
+def loss_over_every_patch(original):
+    """CRATE-MAE's loss averaged over every patch instead of the masked ones."""
+
+    def forward_loss(self, images, pred, mask):
+        return original(self, images, pred, torch.ones_like(mask))
+
+    return forward_loss
+
+
 FAULTS = {
     "attention scale off": (layers, "subspace_attention", scale_off),
     "training softmax over the wrong axis": (layers, "symmetric_attention", softmax_over_keys_axis),
     "ISTA downcast to bfloat16": (model, "ista_step", ista_in_bfloat16),
     "ODL downcast to bfloat16": (alpha.ODL, "codes", odl_codes_in_bfloat16),
     "drop-path unscaled": (layers.DropPath, "forward", drop_path_unscaled),
+    "MAE decoder sign flipped": (mae.DecoderBlock, "expand", decoder_sign_flipped),
+    "MAE mask token ignored": (mae.CRATEMAE, "embed", mask_token_ignored),
+    "MAE loss over every patch": (mae.CRATEMAE, "forward_loss", loss_over_every_patch),
 }
 
 

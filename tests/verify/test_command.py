@@ -68,6 +68,34 @@ def test_an_injected_fault_exits_70_naming_the_layer(tmp_path, monkeypatch, caps
     assert not json.loads(table.read_text())["passed"]
 
 
+def test_a_crate_mae_model_name_is_checked_part_by_part(tmp_path, capsys):
+    table = tmp_path / "verification.json"
+    assert _verify("crate_mae_mini_patch4_28", "--precision", "float32", "--json", str(table)) == 0
+    out = capsys.readouterr().out
+    assert "crate_mae_mini_patch4_28 from crate_mae_mini_patch4_28" in out and "passed:" in out
+    assert "path      part      quantity" in out and "inference decoder 3 output" in out
+    saved = json.loads(table.read_text())
+    assert saved["passed"] and saved["options"]["mask_ratio"] == 0.75
+    # train: the embedding's output and 5 gradients, per encoder and decoder layer 2 outputs and 9
+    # gradients, the norm's output and 3, the head's and 5, the loss's and 1, the model's mask, loss and
+    # pred; inference: the same outputs
+    assert len(saved["rows"]) == (6 + 8 * 11 + 4 + 6 + 2 + 3) + (1 + 8 * 2 + 1 + 1 + 1 + 3)
+
+
+def test_a_crate_mae_fault_exits_70_naming_the_part(tmp_path, monkeypatch, capsys):
+    inject(monkeypatch, "MAE decoder sign flipped")
+    args = [
+        "crate_mae_mini_patch4_28",
+        "--precision",
+        "float32",
+        "--quiet",
+        "--json",
+        str(tmp_path / "v.json"),
+    ]
+    assert _verify(*args) == EXIT_FAILED
+    assert "first: train decoder 0 output" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
