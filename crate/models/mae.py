@@ -194,8 +194,8 @@ class CRATEMAE(nn.Module):
         x = embed(checked_images(images, embed.in_chans, embed.img_size, self.class_name))  # (B, L, d)
         if masking is not None:
             masked = masking.mask.unsqueeze(-1).to(torch.bool)
-            x = torch.where(masked, self.mask_token.to(x.dtype), x)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+            x = torch.where(masked, self.mask_token, x)  # promoted, not rounded, under autocast
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls_tokens, x], dim=1) + self.pos_embed
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
