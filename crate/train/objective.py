@@ -27,7 +27,10 @@ UNUSED_BY_AUTOENCODERS = {
 
 @functools.cache
 def is_masked_autoencoder(model_name: str) -> bool:
-    """Whether timm's ``model_name`` builds a CRATEMAE (built on the meta device: no memory, no init)."""
+    """Whether timm's ``model_name`` builds a CRATEMAE (built on the meta device: no memory, no init);
+    False for a name timm does not know (TrainConfig refuses it)."""
+    if not timm.is_model(split_model_name_tag(model_name)[0]):
+        return False
     with torch.device("meta"):
         return isinstance(timm.create_model(split_model_name_tag(model_name)[0]), CRATEMAE)
 
