@@ -36,13 +36,13 @@ def is_masked_autoencoder(model_name: str) -> bool:
 
 
 def check_options(config: TrainConfig, given: dict, preset: dict) -> dict:
-    """The options an autoencoder's run takes: a ConfigError naming each option it cannot use that the
-    command line (``given``) or the preset sets, or --mask-ratio given to a classifier; the unused
-    defaults set to their neutral values, so that config.json says what the run did."""
+    """The values to replace: a ConfigError names each option an autoencoder cannot use that the command
+    line (``given``) or the preset sets, or --mask-ratio given to a classifier; what neither set is made
+    neutral (a classifier under --preset mae masks nothing), so that config.json says what the run did."""
     if not is_masked_autoencoder(config.model):
-        if config.mask_ratio:
+        if given.get("mask_ratio"):
             raise ConfigError(f"--mask-ratio is for masked autoencoders (crate_mae_*), not {config.model}")
-        return {}
+        return dict(mask_ratio=0.0)
     chosen = preset | given
     refused = [
         f"--{name.replace('_', '-')} {chosen[name]}"

@@ -70,6 +70,8 @@ def test_the_mae_preset_is_the_mae_repositorys_recipe():
     # without the preset, an autoencoder's run still records no label smoothing and gets its own folder
     plain = resolve_config(["--model", "crate_mae_mini_patch4_28"])
     assert plain.label_smoothing == 0 and plain.output == "runs/mae-fashion-mnist"
+    # and a classifier under the preset takes its optimizer recipe and masks nothing
+    assert resolve_config(["--preset", "mae", "--model", "crate_mini_patch4_28"]).mask_ratio == 0
 
 
 @pytest.mark.parametrize(
