@@ -1,4 +1,5 @@
-"""`crate eval SOURCE [--dataset NAME --data ROOT]`: top-1, top-5, loss and images/s of a model on a dataset.
+"""`crate eval SOURCE [--dataset NAME --data ROOT]`: top-1, top-5, loss and images/s of a model on a dataset
+(of a masked autoencoder, crate_mae_*: its masked-patch reconstruction MSE).
 
     crate eval runs/demo-crate_mini_patch7_28                             # a run folder, on its own dataset
     crate eval runs/demo-crate_mini_patch7_28 --dataset digits            # ... on another one
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from . import data, errors
 from .errors import InvalidError, UserError
+from .models.mae import CRATEMAE
 from .runtime import autocast, default_device, precision_name, progress_interval
 from .weights import sources
 
@@ -72,6 +74,46 @@ def measure(model, loader, device, autocast, progress: bool = False) -> dict:
         top1=100 * correct1 / total,
         top5=100 * correct5 / total,
         eval_loss=loss / total,
+        eval_images=int(total),
+        eval_images_per_s=total / forward_s if forward_s else 0.0,
+    )
+
+
+@torch.no_grad()
+def measure_reconstruction(model, loader, device, autocast, seed: int = 0, progress: bool = False) -> dict:
+    """A masked autoencoder's mean reconstruction MSE on its masked patches (CRATEMAE.forward_loss,
+    per pixel of the normalised images) at its mask ratio, images counted, and images/s of the forward
+    passes. Each rank draws its images' masking from its own generator seeded by ``seed``: every
+    evaluation of a run (and of its resumed sessions) masks the same patches of the same images."""
+    model.eval()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    generator = torch.Generator().manual_seed(hash((seed, rank)) % 2**63)
+    total = loss = forward_s = 0.0
+    bar = tqdm(
+        loader, disable=not progress, unit="batch", dynamic_ncols=True, mininterval=progress_interval()
+    )
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        images = batch[0].to(device)
+        noise = torch.rand(len(images), model.num_patches, generator=generator).to(device)
+        start = time.perf_counter()
+        with autocast():
+            batch_loss, _, _ = model(images, noise=noise)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        forward_s += time.perf_counter() - start
+        loss += batch_loss.item() * len(images)  # every image has the same number of masked patches
+        total += len(images)
+    counts = torch.tensor([total, loss], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    total, loss = counts.tolist()
+    if not total:
+        raise InvalidError("the evaluation set yielded no images")
+    return dict(
+        eval_loss=loss / total,
+        eval_mask_ratio=model.config.mask_ratio,
         eval_images=int(total),
         eval_images_per_s=total / forward_s if forward_s else 0.0,
     )
@@ -157,8 +199,9 @@ def evaluate_source(
     model, name = sources.build_model(sources.read_source(source), model_name)
     model.to(device)
     evaluation, transform = evaluation_split(model, dataset, data_root, split, download)
+    autoencoder = isinstance(model, CRATEMAE)
     classes = data.class_count(evaluation)
-    if classes is not None and classes > model.num_classes:
+    if not autoencoder and classes is not None and classes > model.num_classes:
         raise InvalidError(
             f"{dataset} has {classes} classes, but {name} predicts {model.num_classes}: evaluate a model "
             "trained on this dataset's classes (crate train --finetune SOURCE --dataset ... makes one)"
@@ -167,7 +210,11 @@ def evaluate_source(
     workers = default_workers() if workers is None else workers
     loader = DataLoader(chosen, batch_size, num_workers=workers, collate_fn=data.collate_skipping_none)
     start = time.perf_counter()
-    result = measure(model, loader, device, autocast(device, amp), progress)
+    in_precision = autocast(device, amp)
+    if autoencoder:  # its masked-patch reconstruction error, the masking drawn with --seed
+        result = measure_reconstruction(model, loader, device, in_precision, seed, progress)
+    else:
+        result = measure(model, loader, device, in_precision, progress)
     skipped = getattr(evaluation, "skipped", [])
     return dict(
         model=name,
@@ -211,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     parser.add_argument("--download", action="store_true", help="fetch a missing named dataset")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate n images drawn with --seed")
-    parser.add_argument("--seed", type=int, default=0, help="which images --max-images draws")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="which images --max-images draws, and an autoencoder's masking"
+    )
     parser.add_argument("--output", type=Path, help="JSON file for the result (default: print only)")
     args = parser.parse_args(argv)
     result = evaluate_source(
