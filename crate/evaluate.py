@@ -77,6 +77,46 @@ def measure(model, loader, device, autocast, progress: bool = False) -> dict:
     )
 
 
+@torch.no_grad()
+def measure_reconstruction(model, loader, device, autocast, seed: int = 0, progress: bool = False) -> dict:
+    """A masked autoencoder's mean reconstruction MSE on its masked patches (CRATEMAE.forward_loss,
+    per pixel of the normalised images) at its mask ratio, images counted, and images/s of the forward
+    passes. Each rank draws its images' masking from its own generator seeded by ``seed``: every
+    evaluation of a run (and of its resumed sessions) masks the same patches of the same images."""
+    model.eval()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    generator = torch.Generator().manual_seed(hash((seed, rank)) % 2**63)
+    total = loss = forward_s = 0.0
+    bar = tqdm(
+        loader, disable=not progress, unit="batch", dynamic_ncols=True, mininterval=progress_interval()
+    )
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        images = batch[0].to(device)
+        noise = torch.rand(len(images), model.num_patches, generator=generator).to(device)
+        start = time.perf_counter()
+        with autocast():
+            batch_loss, _, _ = model(images, noise=noise)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        forward_s += time.perf_counter() - start
+        loss += batch_loss.item() * len(images)  # every image has the same number of masked patches
+        total += len(images)
+    counts = torch.tensor([total, loss], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    total, loss = counts.tolist()
+    if not total:
+        raise InvalidError("the evaluation set yielded no images")
+    return dict(
+        eval_loss=loss / total,
+        eval_mask_ratio=model.config.mask_ratio,
+        eval_images=int(total),
+        eval_images_per_s=total / forward_s if forward_s else 0.0,
+    )
+
+
 def run_config(source: str | Path) -> dict:
     """The config.json of a run folder, or of the run a checkpoint folder (or its model.safetensors) is
     in; {} for anything else."""

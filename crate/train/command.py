@@ -16,6 +16,7 @@ from ..weights import sources
 from .config import SESSION_OPTIONS, ConfigError, TrainConfig, option_help
 from .faults import NonFiniteStepsError, PreemptedError
 from .loop import train
+from .objective import check_options, is_masked_autoencoder
 from .presets import PRESETS
 from .verification import UnverifiedError
 
@@ -25,6 +26,10 @@ EXAMPLES = """examples:
   crate train                                        the Fashion-MNIST demo recipe on the CPU
   crate train --preset paper --data /data/imagenet   the paper's ImageNet recipe
   crate train --finetune runs/demo-crate_mini_patch7_28 --dataset digits --labels-per-class 10
+  crate train --preset mae --model crate_mae_mini_patch4_28 --dataset fashion-mnist
+                                                     MAE pre-training (runs/mae-fashion-mnist)
+  crate train --finetune runs/mae-fashion-mnist --model crate_mae_encoder_mini_patch4_28
+                                                     its encoder fine-tuned as a classifier
   crate train --output RUN --resume                  continue RUN with its own options"""
 
 
@@ -44,18 +49,22 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
         values["output"] = default_output(values, given)
     if values.get("resume"):
         return continued(values["output"], given)
-    return TrainConfig(**values)
+    preset = PRESETS.get(values.get("preset", TrainConfig.preset), {})
+    return TrainConfig(**(check_options(TrainConfig(**values), preset | given) | values))
 
 
 def default_output(values: dict, given: dict) -> str:
-    """The preset's run folder, unless the run is not the preset's: a fine-tune or another dataset
-    gets its own (runs/finetune-<dataset>-<model>, runs/<dataset>)."""
+    """The preset's run folder, unless the run is not the preset's: a fine-tune, another dataset or
+    another kind of model gets its own (runs/finetune-<dataset>-<model>, runs/<dataset>, and
+    runs/mae-<dataset> for a masked autoencoder)."""
     preset = PRESETS.get(values.get("preset", TrainConfig.preset), {})
     dataset = values.get("dataset", TrainConfig.dataset)
     if "finetune" in given:
         return f"runs/finetune-{dataset.replace('/', '-')}-{values['model']}"
-    if dataset != preset.get("dataset", TrainConfig.dataset):
-        return f"runs/{dataset.replace('/', '-')}"
+    autoencoder = is_masked_autoencoder(values.get("model", TrainConfig.model))
+    presets_kind = is_masked_autoencoder(preset.get("model", TrainConfig.model))
+    if dataset != preset.get("dataset", TrainConfig.dataset) or autoencoder != presets_kind:
+        return f"runs/{'mae-' if autoencoder else ''}{dataset.replace('/', '-')}"
     return values.get("output", TrainConfig.output)
 
 

@@ -62,7 +62,9 @@ class TrainConfig:
     output: str = "runs/fashion-mnist"  # run folder: config.json, metrics.jsonl, checkpoints
     epochs: int = 10  # passes over the training set (--max-steps may plan fewer steps)
     batch_size: int = 128  # images per optimizer step, over all processes
-    lr: float = 2e-3  # peak learning rate at --lr-batch; scaled linearly to --batch-size
+    # peak learning rate at --lr-batch; scaled linearly to --batch-size (MAE's "base lr" rule: --preset
+    # mae gives blr 1.5e-4 at --lr-batch 256, lr = blr × batch / 256)
+    lr: float = 2e-3
     lr_batch: int = 128  # the global batch --lr is given for
     min_lr: float = 1e-5  # where the cosine schedule ends
     warmup_epochs: float = 1.0  # linear warm-up from lr/1000, in epochs (shortened with --max-steps)
@@ -78,7 +80,12 @@ class TrainConfig:
     reprob: float = 0.0  # random erasing probability (image datasets only)
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter without RandAugment (timm: 0.4)
     hflip: float = 0.5  # horizontal flip probability
+    # "min,max": the random-resized crop's range of image area (image datasets; None: timm's 0.08,1)
+    crop_scale: str | None = None
     random_shift: int = 0  # Fashion-MNIST: random translation by up to this many pixels
+    # masked autoencoders (crate_mae_*): the fraction of patches masked in training and evaluation
+    # (0: the model's own, 0.75)
+    mask_ratio: float = 0.0
     ema_decay: float = 0.0  # model EMA decay (0: off)
     drop_path: float = 0.0  # stochastic depth rate (0: off)
     grad_clip: float = 0.0  # max gradient norm (0: off)
@@ -136,6 +143,9 @@ class TrainConfig:
                 f"({world_size} × {self.accum_steps})"
             )
         self.betas  # noqa: B018  (parsed, so that a malformed value fails here, not at the first step)
+        self.scale  # noqa: B018
+        if not 0 <= self.mask_ratio < 1:
+            raise ConfigError(f"--mask-ratio must be in (0, 1) (0: the model's own), got {self.mask_ratio}")
         if self.freeze and not self.finetune:
             raise ConfigError(
                 "--freeze trains only the classifier on top of trained weights: add --finetune SOURCE "
@@ -165,6 +175,20 @@ class TrainConfig:
         if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
             raise ConfigError(f"--opt-betas must be {expected}, got {self.opt_betas!r}")
         return betas
+
+    @property
+    def scale(self) -> tuple[float, float] | None:
+        """--crop-scale "min,max" as a tuple, None for timm's default."""
+        if self.crop_scale is None or not self.crop_scale.strip():
+            return None
+        expected = 'two comma-separated numbers, 0 < min <= max <= 1, e.g. "0.2,1"'
+        try:
+            scale = tuple(float(value) for value in self.crop_scale.split(","))
+        except ValueError:
+            raise ConfigError(f"--crop-scale must be {expected}, got {self.crop_scale!r}") from None
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"--crop-scale must be {expected}, got {self.crop_scale!r}")
+        return scale
 
 
 def option_help() -> dict[str, str]:

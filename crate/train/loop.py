@@ -20,7 +20,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import analysis
-from ..evaluate import measure
 from ..models import CRATE
 from ..runtime import precision_name, progress_interval
 from ..weights import checkpoint
@@ -82,7 +81,7 @@ def train(config: TrainConfig) -> dict:
                         save_checkpoint(run)
                     if evaluation_due(run):
                         result = evaluate(run, start_time)
-                        progress.write(_summary(result))
+                        progress.write(run.objective.summary(result))
     finally:
         progress.close()
         if run.metrics_file:
@@ -211,10 +210,10 @@ def _log_opening(run: Run) -> None:
     )
     log.info("output: %s", run.output)
     log.info(
-        "model: %s, %.2fM parameters, %d classes, %s",
+        "model: %s, %.2fM parameters, %s, %s",
         config.model,
         parameters / 1e6,
-        model.num_classes,
+        run.objective.describe(model),
         start,
     )
     log.info(
@@ -292,7 +291,8 @@ def evaluation_due(run: Run) -> bool:
 
 
 def evaluate(run: Run, start_time: float) -> dict:
-    """Top-1, top-5 and loss over the whole evaluation set (each image once, over all ranks), of the EMA
+    """The objective's measures over the whole evaluation set (each image once, over all ranks): top-1,
+    top-5 and loss of a classifier, the masked-patch reconstruction MSE of an autoencoder; of the EMA
     model when there is one, and the white-box telemetry of CRATE models; written to metrics.jsonl."""
     if run.skipped_images:
         log.warning("%d unreadable training images skipped so far (paths logged above)", run.skipped_images)
@@ -301,7 +301,7 @@ def evaluate(run: Run, start_time: float) -> dict:
     result = dict(
         step=run.step,
         epoch=run.step / run.steps_per_epoch,
-        **measure(evaluated, run.test_loader, device, run.autocast),
+        **run.objective.measure(evaluated, run.test_loader, device, run.autocast),
     )
     result["train_time_s"] = time.perf_counter() - start_time
     if isinstance(evaluated, CRATE) and run.telemetry_images is not None:  # CRATE and CRATE-α (a subclass)
@@ -309,13 +309,6 @@ def evaluate(run: Run, start_time: float) -> dict:
         result["whitebox"] = analysis.audit(evaluated, run.telemetry_images.to(device))
     _write(run.metrics_file, result)
     return result
-
-
-def _summary(result: dict) -> str:
-    return (
-        f"epoch {result['epoch']:.2f}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"eval loss {result['eval_loss']:.4f}  ({result['train_time_s']:.0f} s)"
-    )
 
 
 def _write(handle, record: dict) -> None:

@@ -116,6 +116,46 @@ TRANSFER = dict(
     **_CLUSTER,
 )
 
+# Masked-autoencoder pre-training of CRATE-MAE (crate_mae_*, crate/models/mae.py). The CRATE release
+# (Ma-Lab-Berkeley/CRATE model/crate_ae/) has the model and no training code: its README says to train
+# it with the MAE repository (facebookresearch/mae main_pretrain.py), whose ImageNet-1K recipe this is
+# (the MAE paper's Table 8): AdamW, betas (0.9, 0.95), weight decay 0.05, batch 4096, base lr 1.5e-4
+# at batch 256 (lr = blr × batch / 256: 2.4e-3 at 4096), cosine to 0 after 40 linear warm-up epochs,
+# 800 epochs, mask ratio 0.75, RandomResizedCrop(scale 0.2-1, bicubic) and a horizontal flip, no
+# other augmentation, no labels. The CRATE-MAE paper names no other recipe, so it is this one.
+# What differs, or is not said:
+# - MAE decays every parameter of two or more dimensions, mask and cls tokens included; here timm's
+#   rule also spares the model's no_weight_decay() (cls_token, mask_token); biases and norms as MAE;
+# - MAE's warm-up rises from 0 by iteration, timm's from lr·1e-3 by step; both cosine by step;
+# - norm_pix_loss: MAE's paper recipe uses it, the CRATE-MAE configuration does not say; off here
+#   (the model's default: targets in normalised pixels, which the reconstruction figures show);
+# - λ of the ISTA step: 5.0, the published Base weights' (crate/models/mae.py).
+# On 28×28 grayscale sets (fashion-mnist, digits: in memory, no crop), the light augmentation is the
+# flip alone; a 4-pixel patch is too coarse for a crop of a fifth of the image to keep the object.
+MAE = dict(
+    model="crate_mae_base_patch16_224",
+    dataset="imagenet",
+    output="runs/imagenet-mae",
+    epochs=800,
+    batch_size=4096,
+    lr=1.5e-4,  # the "base lr" (blr) at batch 256: scaled linearly to --batch-size
+    lr_batch=256,
+    min_lr=0.0,
+    warmup_epochs=40,
+    weight_decay=0.05,
+    opt="adamw",
+    opt_betas="0.9,0.95",
+    label_smoothing=0.0,
+    mixup=0.0,
+    cutmix=0.0,
+    mask_ratio=0.75,
+    crop_scale="0.2,1.0",
+    hflip=0.5,
+    random_shift=0,
+    eval_every=20,  # MAE saves every 20 epochs; each evaluation (and its checkpoint) costs little
+    **_CLUSTER,
+)
+
 PRESETS = {
     # TrainConfig's defaults, without horizontal flips: in the demo's 10 epochs the flips cost more
     # fitting than they add (README "What make demo shows")
@@ -125,4 +165,5 @@ PRESETS = {
     "alpha-finetune": ALPHA_FINETUNE,
     "alpha-pretrain": ALPHA_PRETRAIN,
     "transfer": TRANSFER,
+    "mae": MAE,
 }

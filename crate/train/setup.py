@@ -18,7 +18,6 @@ import timm.scheduler
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.models import split_model_name_tag
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -28,6 +27,8 @@ from .. import data
 from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed
 from ..weights import checkpoint, sources
 from .config import SESSION_OPTIONS, ConfigError, TrainConfig
+from .objective import Classification, Reconstruction, is_masked_autoencoder, make_objective
+from .objective import make_loss as make_loss  # where crate/demo.py imports it from
 
 log = logging.getLogger("crate.train")
 
@@ -44,8 +45,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: timm.scheduler.scheduler.Scheduler
     ema: ModelEmaV3 | None
-    mixup: Mixup | None
-    criterion: torch.nn.Module
+    objective: Classification | Reconstruction  # the model's: labels, or its masked patches
     train_set: Dataset
     sampler: data.ResumableSampler | None  # None for a streamed dataset
     loader: DataLoader
@@ -64,6 +64,14 @@ class Run:
     nonfinite_steps: int = 0  # skipped for a NaN/inf loss or gradient, in this process
     nonfinite_in_a_row: int = 0
 
+    @property
+    def mixup(self) -> Mixup | None:
+        return self.objective.mixup
+
+    @property
+    def criterion(self) -> torch.nn.Module:  # (the model's output, targets) -> loss
+        return self.objective.criterion
+
 
 def set_up(config: TrainConfig) -> Run:
     """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
@@ -81,7 +89,7 @@ def set_up(config: TrainConfig) -> Run:
     train_set, test_set = open_datasets(config)
     model = build_model(
         config,
-        dataset_classes(config, train_set),
+        0 if is_masked_autoencoder(config.model) else dataset_classes(config, train_set),
         not resuming,
         1 if isinstance(train_set, data.InMemoryImages) else 0,
     )
@@ -99,7 +107,7 @@ def set_up(config: TrainConfig) -> Run:
         raise ConfigError(f"the training set ({len(train_set)} images) is smaller than one global batch")
     optimizer, scheduler = make_optimizer(config, model, steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
-    mixup, criterion = make_loss(config, model.num_classes)
+    objective = make_objective(config, model)
 
     seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
     step = checkpoint.restore(output, model, optimizer, ema, device, distributed.rank) if resuming else 0
@@ -118,8 +126,7 @@ def set_up(config: TrainConfig) -> Run:
         optimizer=optimizer,
         scheduler=scheduler,
         ema=ema,
-        mixup=mixup,
-        criterion=criterion,
+        objective=objective,
         train_set=train_set,
         sampler=sampler,
         loader=loader,
@@ -254,8 +261,9 @@ def ready_datasets(
 
 def transforms(config: TrainConfig, data_config: dict) -> tuple:
     """The run's training and evaluation transforms for a model's timm data config."""
+    scale = dict(scale=config.scale) if config.scale else {}
     training = data.train_transform(
-        data_config, config.auto_augment, config.color_jitter, config.reprob, config.hflip
+        data_config | scale, config.auto_augment, config.color_jitter, config.reprob, config.hflip
     )
     return training, data.eval_transform(data_config, config.eval_crop_pct, config.eval_crop_mode)
 
@@ -267,13 +275,16 @@ def build_model(
     --finetune (and ``load_weights``: a resumed run restores every weight itself) the source's weights,
     all but the classifier (crate/weights/sources.py), and with --freeze every parameter but the classifier's
     frozen. The note on what was loaded is logged and kept as ``model.finetune_report``."""
-    num_classes = num_classes if num_classes is not None else dataset_classes(config)
+    autoencoder = is_masked_autoencoder(config.model)
+    if num_classes is None:
+        num_classes = 0 if autoencoder else dataset_classes(config)
     in_chans = config.in_chans or dataset_chans  # 0: the model's own (an image folder is read in its mode)
     model = timm.create_model(
         split_model_name_tag(config.model)[0],
         drop_path_rate=config.drop_path,
         num_classes=num_classes,
         **(dict(in_chans=in_chans) if in_chans else {}),
+        **(dict(mask_ratio=config.mask_ratio) if autoencoder and config.mask_ratio else {}),
     )
     model.finetune_report = None
     if config.finetune and load_weights:
@@ -353,20 +364,6 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
         updates_per_epoch=1,  # "epochs" here are steps
     )
     return optimizer, scheduler
-
-
-def make_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
-    """Mixup/CutMix (None when both are off) and the loss: soft-target cross-entropy after Mixup, else
-    cross-entropy with label smoothing."""
-    if not (config.mixup or config.cutmix):
-        return None, torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    mixup = Mixup(
-        mixup_alpha=config.mixup,
-        cutmix_alpha=config.cutmix,
-        label_smoothing=config.label_smoothing,
-        num_classes=num_classes,
-    )
-    return mixup, SoftTargetCrossEntropy()
 
 
 def first_images(dataset: Dataset, count: int) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ from ..errors import InvalidError, MissingError
 from ..models import CRATE, convert_official_state_dict
 from ..models.crate import MODELS
 from ..models.hub import require_hub_weights
+from ..models.mae import CRATEMAEEncoder, convert_released_mae_state_dict, encoder_state_dict
 from ..models.released import adapt_input_channels, fit_problems, input_channels, resample_to_model
 from . import checkpoint
 from .checkpoint import read_weights, step_folder
@@ -133,9 +134,11 @@ class LoadReport:
     not_loaded: dict[str, str] = field(default_factory=dict)  # key -> why
     resampled: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)  # the first layer, for another channel count
+    converted: str | None = None  # what became of an autoencoder's weights
 
     def __str__(self) -> str:
         lines = [f"fine-tuning from {self.source}: {self.loaded} tensors loaded"]
+        lines += [f"  {self.converted}"] if self.converted else []
         lines += [f"  not loaded: {key}: {why}" for key, why in self.not_loaded.items()]
         lines += [f"  {note}" for note in self.resampled + self.adapted]
         return "\n".join(lines)
@@ -156,6 +159,8 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
     report = LoadReport(source.description)
     head = classifier_prefix(model) + "."
     state = {key: value for key, value in source.state.items()}
+    if isinstance(model, CRATEMAEEncoder):
+        state, report.converted = autoencoder_to_encoder(state)
     for key in [key for key in state if key.startswith(head)]:
         value = state.pop(key)
         report.not_loaded[key] = (
@@ -181,6 +186,27 @@ def load_for_finetuning(model: torch.nn.Module, source: Source) -> LoadReport:
     model.load_state_dict(state, strict=False)
     report.loaded = len(state)
     return report
+
+
+def autoencoder_to_encoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state, note): a CRATE-MAE autoencoder's weights (this project's names, or the release's:
+    decoder_pos_embed) as its encoder's (crate.models.mae.encoder_state_dict); any other state as it is,
+    with no note."""
+    released = "decoder_pos_embed" in state
+    if released:
+        state = convert_released_mae_state_dict(state)
+    elif not any(key.startswith("decoder_blocks.") for key in state):
+        return state, None
+    kind = (
+        "a released CRATE-MAE autoencoder (its key names converted)"
+        if released
+        else "a CRATE-MAE autoencoder"
+    )
+    note = (
+        f"{kind}: its encoder loaded (the decoder and mask token dropped, the final norm as fc_norm); "
+        "the classifier (head) is new"
+    )
+    return encoder_state_dict(state), note
 
 
 def build_model(source: Source, model_name: str | None = None, **kwargs) -> tuple[torch.nn.Module, str]:

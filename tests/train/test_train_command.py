@@ -63,9 +63,8 @@ def test_help_lists_descriptions_defaults_and_presets(capsys):
         main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert (
-        "--lr LR peak learning rate at --lr-batch; scaled linearly to --batch-size (default: 0.002;" in text
-    )
+    assert "--lr LR peak learning rate at --lr-batch; scaled linearly to --batch-size (MAE's" in text
+    assert "lr = blr × batch / 256) (default: 0.002;" in text
     assert f"paper: {PRESETS['paper']['lr']}" in text
     for name in PRESETS:
         assert f" {name} " in text
