@@ -32,18 +32,20 @@ def is_masked_autoencoder(model_name: str) -> bool:
         return isinstance(timm.create_model(split_model_name_tag(model_name)[0]), CRATEMAE)
 
 
-def check_options(config: TrainConfig, given: dict) -> dict:
-    """The options an autoencoder's run takes: a ConfigError naming each option it cannot use that
-    ``given`` sets (the command line's or the preset's), or --mask-ratio given to a classifier; the
-    unused defaults set to their neutral values, so that config.json says what the run did."""
+def check_options(config: TrainConfig, given: dict, preset: dict) -> dict:
+    """The options an autoencoder's run takes: a ConfigError naming each option it cannot use that the
+    command line (``given``) or the preset sets, or --mask-ratio given to a classifier; the unused
+    defaults set to their neutral values, so that config.json says what the run did."""
     if not is_masked_autoencoder(config.model):
         if config.mask_ratio:
             raise ConfigError(f"--mask-ratio is for masked autoencoders (crate_mae_*), not {config.model}")
         return {}
+    chosen = preset | given
     refused = [
-        f"--{name.replace('_', '-')} {given[name]}"
+        f"--{name.replace('_', '-')} {chosen[name]}"
+        + ("" if name in given else f" (--preset {config.preset})")
         for name, neutral in UNUSED_BY_AUTOENCODERS.items()
-        if name in given and given[name] != neutral
+        if name in chosen and chosen[name] != neutral
     ]
     if refused:
         raise ConfigError(
