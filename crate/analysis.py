@@ -580,7 +580,7 @@ def mae_layers_figure(result: dict, title: str = "", images: int | None = None):
         1, 2, figsize=(12, 4.4), layout="constrained", gridspec_kw=dict(width_ratios=[2, 1])
     )
     for key, label, color in (
-        ("compression_in", r"before the step (enc: $\mathrm{LN}_1(Z^\ell)$; dec: $\mathrm{LN}_2(u)$)", "tab:blue"),
+        ("compression_in", r"before (enc: $\mathrm{LN}_1(Z^\ell)$; dec: $\mathrm{LN}_2(u)$)", "tab:blue"),
         ("compression_out", r"after it (enc: MSSA; dec: $u - \mathrm{MSSA}$)", "tab:orange"),
     ):
         mean = np.array([r[key]["mean"] for r in rows])
@@ -660,9 +660,9 @@ def reconstruction_figure(model, images: torch.Tensor, masking, mean=(0.5,), std
         axes[1, b].set_title(f"MSE {masked_mse[b].item():.2f}", fontsize=7)
     for row, label in enumerate(labels):
         axes[row, 0].set_ylabel(label, fontsize=8)
-    ratio = masking.mask.float().mean().item()
+    masked = int(masking.mask[0].sum().item())
     figure.suptitle(
-        f"CRATE-MAE on test images: {ratio:.0%} of the {patch}×{patch} patches masked "
+        f"CRATE-MAE on test images: {masked} of the {masking.mask.shape[1]} {patch}×{patch} patches masked "
         "(MSE: on the masked patches, normalised pixels)",
         fontsize=9,
     )
