@@ -156,12 +156,14 @@ def _plan(configs: dict, device: torch.device) -> str:
         "Estimated training time on this machine (a few timed steps each; evaluations and the probe extra):"
     ]
     for stage, config in configs.items():
-        if stage == "pretrain":
-            seconds, steps, step_s = estimate_pretraining_seconds(config, device)
-        else:
-            seconds, steps, step_s = estimate_training_seconds(config, device)
+        if _completed_run(Path(config.output), config) is not None:
+            lines.append(f"  {stage}: done ({config.output})")
+            continue
+        estimate = estimate_pretraining_seconds if stage == "pretrain" else estimate_training_seconds
+        seconds, steps, step_s = estimate(config, device)
         lines.append(
-            f"  {stage}: {config.model}, {steps} steps at {step_s:.2f} s/step: about {seconds / 60:.1f} min"
+            f"  {stage}: {config.model}, {steps} steps at {step_s:.2f} s/step: "
+            f"about {seconds // 60:.0f} min {seconds % 60:.0f} s"
         )
     return "\n".join(lines)
 
