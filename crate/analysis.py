@@ -701,7 +701,8 @@ def write_mae_report(
     )
     paths["markdown"].write_text(
         f"# CRATE-MAE white-box audit{': ' + title if title else ''}\n\n"
-        f"{len(images)} test images, {ratio:.0%} of their patches masked (the training task). "
+        f"{len(images)} test images, {int(masking.mask[0].sum())} of their {model.num_patches} patches "
+        "masked (the training task). "
         f"{MAE_AUDIT_NOTE}\n\n{mae_markdown_table(result)}\n\n{mae_summary_lines(result)}\n"
     )
     paths["layers"] = _save(mae_layers_figure(result, title, len(images)), output / "layers.png")
