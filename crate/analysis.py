@@ -477,13 +477,15 @@ MAE_AUDIT_NOTE = (
     "Encoder layer ℓ: R^c of LN₁(Z^ℓ) and of LN₁(Z^{ℓ+½}) after its MSSA step (a descent step on R^c), "
     "the sparsity of its ISTA output Z^{ℓ+1}. Decoder layer ℓ: u = LN₁(Z)·Wᵀ, then Z' = u − MSSA(LN₂(u)), "
     "claimed an ascent step on R^c: R^c of LN₂(u) and of LN₂(Z'), both with the layer's own U (its MSSA's "
-    "qkv weight); normalised head-tokens, ε = 0.1, per image."
+    "qkv weight), and with the U of the encoder layer it mirrors (L − 1 − ℓ; dotted in the plot); normalised "
+    "head-tokens, ε = 0.1, per image."
 )
 
 
-def _decoder_layer(layer: int, state, block, eps: float) -> dict:
+def _decoder_layer(layer: int, state, block, mirror, eps: float) -> dict:
     """A decoder layer's compression before and after its expansion step u − MSSA(LN₂ u), read by its
-    own MSSA's U through LN₂ (what that MSSA sees), and the geometry of U."""
+    own MSSA's U through LN₂ (what that MSSA sees), the same two states read with the U of ``mirror``
+    (the encoder layer it undoes: encoder layer L − 1 − ℓ), and the geometry of its U."""
     U = subspaces(block)
     y_in, y_out = _layer_norm64(state.mssa, block.norm2), _layer_norm64(state.ista, block.norm2)
     compression = {
@@ -495,11 +497,16 @@ def _decoder_layer(layer: int, state, block, eps: float) -> dict:
             ("raw_out", y_out, False),
         ]
     }
+    U_mirror = subspaces(mirror)
+    mirror_in = reference.compression_rate(y_in, U_mirror, eps, normalize=True)
+    mirror_out = reference.compression_rate(y_out, U_mirror, eps, normalize=True)
     with _one_thread(U.device):
         gap, coherence = _orthonormality_gap(U), _coherence(U)
     return dict(
         layer=layer,
         **_compression_fields(compression),
+        mirror_compression_in=_stats(mirror_in),
+        mirror_compression_out=_stats(mirror_out),
         orthonormality_gap=gap,
         head_coherence=coherence,
     )
@@ -520,8 +527,10 @@ def mae_audit(model, images: torch.Tensor, masking=None, eps: float = EPS) -> di
             for layer, (state, block) in enumerate(zip(encoder, model.blocks, strict=True))
         ],
         decoder=[
-            _decoder_layer(layer, state, block, eps)
-            for layer, (state, block) in enumerate(zip(decoder, model.decoder_blocks, strict=True))
+            _decoder_layer(layer, state, block, mirror, eps)
+            for layer, (state, block, mirror) in enumerate(
+                zip(decoder, model.decoder_blocks, reversed(model.blocks), strict=True)
+            )
         ],
     )
 
@@ -536,17 +545,23 @@ def mae_markdown_table(result: dict) -> str:
     change, raw R^c, the encoder's ISTA sparsity, the geometry of U."""
     header = (
         "| part | layer | R^c before | R^c after | change | raw R^c before → after | non-zero (ISTA out) "
-        "| ‖UᵀU − I‖ | coherence |\n|---|---|---|---|---|---|---|---|---|"
+        "| R^c with the mirror encoder layer's U, before → after | ‖UᵀU − I‖ | coherence |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for part, label in (("encoder", "before / after MSSA"), ("decoder", "before / after expansion")):
         for r in result[part]:
             nonzero = _pm(r["nonzero"], 3) if "nonzero" in r else "–"
+            mirror = (
+                f"{r['mirror_compression_in']['mean']:.2f} → {r['mirror_compression_out']['mean']:.2f}"
+                if "mirror_compression_in" in r
+                else "–"
+            )
             rows.append(
                 f"| {part} ({label}) | {r['layer']} | {_pm(r['compression_in'])} | "
                 f"{_pm(r['compression_out'])} | {r['compression_change']['mean']:+.2f} | "
                 f"{r['raw_compression_in']['mean']:.1f} → {r['raw_compression_out']['mean']:.1f} | "
-                f"{nonzero} | "
+                f"{nonzero} | {mirror} | "
                 f"{r['orthonormality_gap']:.2f} | {r['head_coherence']:.2f} |"
             )
     return "\n".join([header, *rows])
@@ -564,6 +579,13 @@ def mae_summary_lines(result: dict) -> str:
             f"{len(rows) - lowered}; across the layers R^c (before the step) moved "
             f"{_trend(rows, 'compression_in'):+.2f} from layer 0 to layer {len(rows) - 1}"
         )
+    rows = result["decoder"]
+    raised = sum(r["mirror_compression_out"]["mean"] > r["mirror_compression_in"]["mean"] for r in rows)
+    lines.append(
+        f"- decoder read with the mirror encoder layer's U: the expansion step raised R^c in {raised} of "
+        f"{len(rows)} layers; R^c (before the step) moved {_trend(rows, 'mirror_compression_in'):+.2f} "
+        f"from decoder layer 0 to {len(rows) - 1}"
+    )
     return "\n".join(lines)
 
 
@@ -587,6 +609,11 @@ def mae_layers_figure(result: dict, title: str = "", images: int | None = None):
         std = np.array([r[key]["std"] for r in rows])
         left.plot(x, mean, "o-", color=color, label=label)
         left.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
+    decoder_x = x[depth_e:]
+    for key, color in (("mirror_compression_in", "tab:blue"), ("mirror_compression_out", "tab:orange")):
+        mean = np.array([r[key]["mean"] for r in result["decoder"]])
+        left.plot(decoder_x, mean, "s:", color=color, alpha=0.7)
+    left.plot([], [], "s:", color="gray", label="decoder read with the mirror encoder layer's $U$")
     left.axvline(depth_e - 0.5, color="gray", linestyle="--")
     left.text(depth_e - 0.6, 1.0, "encoder ", ha="right", va="top", transform=left.get_xaxis_transform())
     left.text(depth_e - 0.4, 1.0, " decoder", ha="left", va="top", transform=left.get_xaxis_transform())

@@ -73,11 +73,16 @@ def test_mae_audit_rows_are_the_compression_of_the_models_own_states():
             rate(state.mssa, block.norm1, block).mean().item()
         )
         assert row["nonzero"]["mean"] == pytest.approx((state.ista != 0).double().mean().item())
-    for row, state, block in zip(result["decoder"], decoder, model.decoder_blocks, strict=True):
+    mirrors = reversed(model.blocks)  # decoder layer ℓ undoes encoder layer L − 1 − ℓ
+    for row, state, block, mirror in zip(
+        result["decoder"], decoder, model.decoder_blocks, mirrors, strict=True
+    ):
         before, after = rate(state.mssa, block.norm2, block), rate(state.ista, block.norm2, block)
         assert row["compression_in"]["mean"] == pytest.approx(before.mean().item())
         assert row["compression_out"]["mean"] == pytest.approx(after.mean().item())
         assert row["compression_change"]["mean"] == pytest.approx((after - before).mean().item())
+        mirrored = rate(state.ista, block.norm2, mirror)
+        assert row["mirror_compression_out"]["mean"] == pytest.approx(mirrored.mean().item())
 
 
 def test_a_layer_whose_attention_outputs_nothing_leaves_compression_unchanged():
