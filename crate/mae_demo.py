@@ -20,6 +20,7 @@ Idempotent: each stage is skipped when its folder holds a completed run of the s
 (--retrain to start again). It prints first the estimated time of each training stage on this machine.
 """
 
+import dataclasses
 import json
 import shutil
 import time
@@ -30,10 +31,10 @@ from torch.utils.data import DataLoader, Subset
 
 from . import analysis, errors
 from .audit import load_images
-from .demo import _completed_run, estimate_training_seconds
+from .demo import estimate_training_seconds
 from .evaluate import evaluation_split
 from .runtime import autocast, default_device
-from .train import train
+from .train import TrainConfig, train
 from .train.command import resolve_config
 from .weights.sources import load_run
 
@@ -135,10 +136,22 @@ def _configs(args, output: Path) -> dict:
     )
 
 
+def completed_run(output: Path, config: TrainConfig) -> dict | None:
+    """The summary of the completed stage in ``output`` when it ran with ``config`` (an option added since
+    it was saved counts with its default), else None."""
+    try:
+        saved = json.loads((output / "config.json").read_text())
+        summary = json.loads((output / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    saved = dataclasses.asdict(TrainConfig()) | saved
+    return summary if saved == dataclasses.asdict(config) else None
+
+
 def _stage(config) -> dict:
     """A trainer run, or the completed one its folder holds: {result, wall_s}."""
     output = Path(config.output)
-    done = _completed_run(output, config)
+    done = completed_run(output, config)
     if done is not None:
         print(f"{output} holds a completed run with this configuration")
         return done
@@ -156,7 +169,7 @@ def _plan(configs: dict, device: torch.device) -> str:
         "Estimated training time on this machine (a few timed steps each; evaluations and the probe extra):"
     ]
     for stage, config in configs.items():
-        if _completed_run(Path(config.output), config) is not None:
+        if completed_run(Path(config.output), config) is not None:
             lines.append(f"  {stage}: done ({config.output})")
             continue
         estimate = estimate_pretraining_seconds if stage == "pretrain" else estimate_training_seconds
