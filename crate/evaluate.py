@@ -1,4 +1,5 @@
-"""`crate eval SOURCE [--dataset NAME --data ROOT]`: top-1, top-5, loss and images/s of a model on a dataset.
+"""`crate eval SOURCE [--dataset NAME --data ROOT]`: top-1, top-5, loss and images/s of a model on a dataset
+(of a masked autoencoder, crate_mae_*: its masked-patch reconstruction MSE).
 
     crate eval runs/demo-crate_mini_patch7_28                             # a run folder, on its own dataset
     crate eval runs/demo-crate_mini_patch7_28 --dataset digits            # ... on another one
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from . import data, errors
 from .errors import InvalidError, UserError
+from .models.mae import CRATEMAE
 from .runtime import autocast, default_device, precision_name, progress_interval
 from .weights import sources
 
@@ -197,8 +199,9 @@ def evaluate_source(
     model, name = sources.build_model(sources.read_source(source), model_name)
     model.to(device)
     evaluation, transform = evaluation_split(model, dataset, data_root, split, download)
+    autoencoder = isinstance(model, CRATEMAE)
     classes = data.class_count(evaluation)
-    if classes is not None and classes > model.num_classes:
+    if not autoencoder and classes is not None and classes > model.num_classes:
         raise InvalidError(
             f"{dataset} has {classes} classes, but {name} predicts {model.num_classes}: evaluate a model "
             "trained on this dataset's classes (crate train --finetune SOURCE --dataset ... makes one)"
@@ -207,7 +210,11 @@ def evaluate_source(
     workers = default_workers() if workers is None else workers
     loader = DataLoader(chosen, batch_size, num_workers=workers, collate_fn=data.collate_skipping_none)
     start = time.perf_counter()
-    result = measure(model, loader, device, autocast(device, amp), progress)
+    in_precision = autocast(device, amp)
+    if autoencoder:  # its masked-patch reconstruction error, the masking drawn with --seed
+        result = measure_reconstruction(model, loader, device, in_precision, seed, progress)
+    else:
+        result = measure(model, loader, device, in_precision, progress)
     skipped = getattr(evaluation, "skipped", [])
     return dict(
         model=name,
@@ -251,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     parser.add_argument("--download", action="store_true", help="fetch a missing named dataset")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate n images drawn with --seed")
-    parser.add_argument("--seed", type=int, default=0, help="which images --max-images draws")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="which images --max-images draws, and an autoencoder's masking"
+    )
     parser.add_argument("--output", type=Path, help="JSON file for the result (default: print only)")
     args = parser.parse_args(argv)
     result = evaluate_source(

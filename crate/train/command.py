@@ -50,7 +50,7 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     if values.get("resume"):
         return continued(values["output"], given)
     preset = PRESETS.get(values.get("preset", TrainConfig.preset), {})
-    return TrainConfig(**(check_options(TrainConfig(**values), given, preset) | values))
+    return TrainConfig(**(values | check_options(TrainConfig(**values), given, preset)))
 
 
 def default_output(values: dict, given: dict) -> str:

@@ -27,19 +27,22 @@ UNUSED_BY_AUTOENCODERS = {
 
 @functools.cache
 def is_masked_autoencoder(model_name: str) -> bool:
-    """Whether timm's ``model_name`` builds a CRATEMAE (built on the meta device: no memory, no init)."""
+    """Whether timm's ``model_name`` builds a CRATEMAE (built on the meta device: no memory, no init);
+    False for a name timm does not know (TrainConfig refuses it)."""
+    if not timm.is_model(split_model_name_tag(model_name)[0]):
+        return False
     with torch.device("meta"):
         return isinstance(timm.create_model(split_model_name_tag(model_name)[0]), CRATEMAE)
 
 
 def check_options(config: TrainConfig, given: dict, preset: dict) -> dict:
-    """The options an autoencoder's run takes: a ConfigError naming each option it cannot use that the
-    command line (``given``) or the preset sets, or --mask-ratio given to a classifier; the unused
-    defaults set to their neutral values, so that config.json says what the run did."""
+    """The values to replace: a ConfigError names each option an autoencoder cannot use that the command
+    line (``given``) or the preset sets, or --mask-ratio given to a classifier; what neither set is made
+    neutral (a classifier under --preset mae masks nothing), so that config.json says what the run did."""
     if not is_masked_autoencoder(config.model):
-        if config.mask_ratio:
+        if given.get("mask_ratio"):
             raise ConfigError(f"--mask-ratio is for masked autoencoders (crate_mae_*), not {config.model}")
-        return {}
+        return dict(mask_ratio=0.0)
     chosen = preset | given
     refused = [
         f"--{name.replace('_', '-')} {chosen[name]}"

@@ -238,10 +238,10 @@ def build_model(source: Source, model_name: str | None = None, **kwargs) -> tupl
 
 def load_run(run: str | Path, checkpoint: str | Path | int | None = None, device="cpu") -> torch.nn.Module:
     """The model a `crate train` run folder trained, in eval mode on ``device``: built from its
-    config.json (the model name, and in_chans and img_size where the run set them; the class count and
-    image channels are otherwise the checkpoint's) with the weights of its newest intact checkpoint,
-    or of ``checkpoint`` (a checkpoint folder, one's name inside the run folder, or a step). Each
-    checkpoint is checked against its sha256.json (crate/weights/checkpoint.py read_weights)."""
+    config.json (the model name, and in_chans, img_size and mask_ratio where the run set them; the
+    class count and image channels are otherwise the checkpoint's) with the weights of its newest
+    intact checkpoint, or of ``checkpoint`` (a checkpoint folder, one's name inside the run folder, or a
+    step). Each checkpoint is checked against its sha256.json (crate/weights/checkpoint.py read_weights)."""
     run = Path(run)
     if not (run / "config.json").is_file():
         raise MissingError(
@@ -250,7 +250,7 @@ def load_run(run: str | Path, checkpoint: str | Path | int | None = None, device
         )
     config = json.loads((run / "config.json").read_text())
     state, folder = read_weights(_checkpoint_in(run, checkpoint))
-    overrides = {key: config[key] for key in ("in_chans", "img_size") if config.get(key)}
+    overrides = {key: config[key] for key in ("in_chans", "img_size", "mask_ratio") if config.get(key)}
     model, _ = build_model(Source(state, config["model"], str(folder)), config["model"], **overrides)
     return model.to(device)
 

@@ -166,6 +166,8 @@ BAD = {
     "--batch-size": ["--batch-size", "0"],
     "--epochs": ["--epochs", "0"],
     "--accum-steps": ["--batch-size", "64", "--accum-steps", "3"],
+    "--label-smoothing": ["--model", "crate_mae_mini_patch4_28", "--label-smoothing", "0.1"],  # no labels
+    "--mask-ratio": ["--mask-ratio", "0.5"],  # a classifier masks nothing
 }
 
 

@@ -8,16 +8,17 @@ for CRATE and fails on its Conv2d patch embedding, which CRATE's float64 referen
 """
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 import reference
-from crate.evaluate import measure_reconstruction
+from crate.evaluate import evaluate_source, measure_reconstruction
 from crate.models.mae import CRATEMAE, convert_released_mae_state_dict, encoder_state_dict
 from crate.runtime import autocast, seed_everything
-from crate.train import ConfigError, build_model, resolve_config, train
+from crate.train import ConfigError, PreemptedError, build_model, loop, resolve_config, train
 from crate.train.command import parser
 from crate.train.objective import Reconstruction
 from crate.train.setup import open_datasets, ready_datasets
@@ -69,6 +70,8 @@ def test_the_mae_preset_is_the_mae_repositorys_recipe():
     # without the preset, an autoencoder's run still records no label smoothing and gets its own folder
     plain = resolve_config(["--model", "crate_mae_mini_patch4_28"])
     assert plain.label_smoothing == 0 and plain.output == "runs/mae-fashion-mnist"
+    # and a classifier under the preset takes its optimizer recipe and masks nothing
+    assert resolve_config(["--preset", "mae", "--model", "crate_mini_patch4_28"]).mask_ratio == 0
 
 
 @pytest.mark.parametrize(
@@ -169,17 +172,35 @@ def test_the_evaluation_records_the_reconstruction_error_at_a_fixed_masking(mae_
     assert again[0]["eval_loss"] == again[1]["eval_loss"] == result["eval_loss"]
 
 
-def test_a_resumed_run_ends_with_the_same_parameters(tmp_path):
+def test_a_stopped_or_preempted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    """--stop-after 3, and SIGTERM during step 2 (the run stops after step 3 with a checkpoint, exit 75
+    from the command), each then --resume: the weights and the final evaluation of an uninterrupted
+    run, bit for bit (the masking's noise comes from torch's RNG, which the checkpoint restores)."""
     options = [*FAST_MAE, "--max-steps", "6", "--checkpoint-every", "3"]
     straight = train(resolve_config([*options, "--output", str(tmp_path / "straight")]))
-    train(resolve_config([*options, "--stop-after", "3", "--output", str(tmp_path / "resumed")]))
-    assert checkpoint.latest(tmp_path / "resumed").name == "checkpoint-00000003"
-    resumed = train(resolve_config([*options, "--output", str(tmp_path / "resumed"), "--resume"]))
-    expected, actual = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "resumed")
-    assert expected.keys() == actual.keys() and any(key.startswith("decoder_blocks.") for key in expected)
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
-    assert straight["eval_loss"] == resumed["eval_loss"]
+    train(resolve_config([*options, "--stop-after", "3", "--output", str(tmp_path / "stopped")]))
+    assert checkpoint.latest(tmp_path / "stopped").name == "checkpoint-00000003"
+
+    step = loop.optimizer_step
+
+    def signalled_in_step_2(run, micro_batches, stop_requested):
+        if run.step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return step(run, micro_batches, stop_requested)
+
+    monkeypatch.setattr(loop, "optimizer_step", signalled_in_step_2)
+    with pytest.raises(PreemptedError, match="stopped at step 3 on a stop signal"):
+        train(resolve_config([*options, "--output", str(tmp_path / "preempted")]))
+    monkeypatch.setattr(loop, "optimizer_step", step)
+    expected = latest_weights(tmp_path / "straight")
+    assert any(key.startswith("decoder_blocks.") for key in expected)
+    for folder in ("stopped", "preempted"):
+        resumed = train(resolve_config([*options, "--output", str(tmp_path / folder), "--resume"]))
+        actual = latest_weights(tmp_path / folder)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), (folder, key)
+        assert straight["eval_loss"] == resumed["eval_loss"]
 
 
 @pytest.mark.slow
@@ -230,3 +251,11 @@ def test_the_encoder_fine_tunes_from_a_released_autoencoder_file(tmp_path):
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
     assert "a released CRATE-MAE autoencoder (its key names converted)" in str(model.finetune_report)
+
+
+def test_crate_eval_reports_an_autoencoders_reconstruction_error(mae_run):
+    run, _ = mae_run
+    result = evaluate_source(str(run), max_images=64, workers=0, progress=False)
+    assert result["model"] == "crate_mae_mini_patch4_28" and result["dataset"] == "fashion-mnist"
+    assert result["eval_images"] == 64 and result["eval_mask_ratio"] == 0.75 and "top1" not in result
+    assert 0 < result["eval_loss"] < 10
