@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test verify mutations demo bench bench-compare lint clean
+.PHONY: setup data test verify mutations demo demo-mae bench bench-compare lint clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ bench-compare: setup
 
 demo: setup data
 	$(PY) -m crate.demo
+
+# the CRATE-MAE demo: pre-training, reconstructions, encoder/decoder audit, probe and fine-tune (minutes)
+demo-mae: setup data
+	$(PY) -m crate.mae_demo
 
 lint: setup
 	$(VENV)/bin/ruff check .
