@@ -113,9 +113,7 @@ def _configs(args, output: Path) -> dict:
         *("--train-subset", str(args.budget_images), "--checkpoint-every", "100000"),
     ]
     encoder = args.model.replace("crate_mae_", "crate_mae_encoder_", 1)
-    # the gate (crate/verify) has no float64 reference of the encoder as a classifier on this branch
-    unverified = ["--skip-verify"]
-    finetune = ["--model", encoder, "--finetune", str(output / "pretrain"), *unverified]
+    finetune = ["--model", encoder, "--finetune", str(output / "pretrain")]
     return dict(
         pretrain=resolve_config(pretrain + common),
         finetune=resolve_config(classifier + finetune + ["--output", str(output / "finetune")] + common),
@@ -124,7 +122,6 @@ def _configs(args, output: Path) -> dict:
                 *classifier,
                 "--model",
                 encoder,
-                *unverified,
                 "--output",
                 str(output / "encoder-scratch"),
                 *common,

@@ -12,7 +12,7 @@ from torch import nn
 import reference
 
 from ..models import CRATE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig
-from ..models.mae import CRATEMAE
+from ..models.mae import CRATEMAE, CRATEMAEEncoder
 from ..models.released import official_layout
 from . import plain, plain_alpha
 
@@ -130,7 +130,11 @@ def family_of(state: dict) -> Family:
 
 
 def model_family(model: nn.Module) -> Family | None:
-    """The family of a fast model (None for a model of neither family, e.g. a timm ViT)."""
+    """The family of a fast model (None for a model of neither family, e.g. a timm ViT, and for the
+    CRATE-MAE encoder as a classifier: a CRATE with a Conv2d patch embedding, which neither released
+    classifier has; its layers are checked as the autoencoder's, mae.py)."""
+    if isinstance(model, CRATEMAEEncoder):
+        return None
     if isinstance(model, CRATEAlpha):
         return ALPHA_FAMILY
     return CRATE_FAMILY if isinstance(model, CRATE) else None
