@@ -106,7 +106,12 @@ def _compression(state, block, eps: float) -> tuple[torch.Tensor, dict]:
     """(U, per-image R^c of the MSSA step's input and output, normalised and raw)."""
     U = subspaces(block)
     y_in, y_out = _layer_norm64(state.input, block.norm1), _layer_norm64(state.mssa, block.norm1)
-    compression = {
+    return U, _rates(y_in, y_out, U, eps)
+
+
+def _rates(y_in: torch.Tensor, y_out: torch.Tensor, U: torch.Tensor, eps: float) -> dict:
+    """Per-image R^c of a step's (normalised) input and output, with and without unit head-tokens."""
+    return {
         name: reference.compression_rate(y, U, eps, normalize=normalize)
         for name, y, normalize in [
             ("in", y_in, True),
@@ -115,7 +120,6 @@ def _compression(state, block, eps: float) -> tuple[torch.Tensor, dict]:
             ("raw_out", y_out, False),
         ]
     }
-    return U, compression
 
 
 def _compression_fields(compression: dict) -> dict:
@@ -488,15 +492,7 @@ def _decoder_layer(layer: int, state, block, mirror, eps: float) -> dict:
     (the encoder layer it undoes: encoder layer L − 1 − ℓ), and the geometry of its U."""
     U = subspaces(block)
     y_in, y_out = _layer_norm64(state.mssa, block.norm2), _layer_norm64(state.ista, block.norm2)
-    compression = {
-        name: reference.compression_rate(y, U, eps, normalize=normalize)
-        for name, y, normalize in [
-            ("in", y_in, True),
-            ("out", y_out, True),
-            ("raw_in", y_in, False),
-            ("raw_out", y_out, False),
-        ]
-    }
+    compression = _rates(y_in, y_out, U, eps)
     U_mirror = subspaces(mirror)
     mirror_in = reference.compression_rate(y_in, U_mirror, eps, normalize=True)
     mirror_out = reference.compression_rate(y_out, U_mirror, eps, normalize=True)

@@ -88,7 +88,7 @@ def measure_reconstruction(model, loader, device, autocast, seed: int = 0, progr
     model.eval()
     rank = dist.get_rank() if dist.is_initialized() else 0
     generator = torch.Generator().manual_seed(hash((seed, rank)) % 2**63)
-    total = loss = forward_s = 0.0
+    seen = squared_error = forward_s = 0.0
     bar = tqdm(
         loader, disable=not progress, unit="batch", dynamic_ncols=True, mininterval=progress_interval()
     )
@@ -103,19 +103,19 @@ def measure_reconstruction(model, loader, device, autocast, seed: int = 0, progr
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         forward_s += time.perf_counter() - start
-        loss += batch_loss.item() * len(images)  # every image has the same number of masked patches
-        total += len(images)
-    counts = torch.tensor([total, loss], dtype=torch.float64, device=device)
+        squared_error += batch_loss.item() * len(images)  # every image has the same number of masked patches
+        seen += len(images)
+    sums = torch.tensor([seen, squared_error], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(counts)
-    total, loss = counts.tolist()
-    if not total:
+        dist.all_reduce(sums)
+    seen, squared_error = sums.tolist()
+    if not seen:
         raise InvalidError("the evaluation set yielded no images")
     return dict(
-        eval_loss=loss / total,
+        eval_loss=squared_error / seen,
         eval_mask_ratio=model.config.mask_ratio,
-        eval_images=int(total),
-        eval_images_per_s=total / forward_s if forward_s else 0.0,
+        eval_images=int(seen),
+        eval_images_per_s=seen / forward_s if forward_s else 0.0,
     )
 
 

@@ -402,7 +402,7 @@ TARGETS = (
             ),
             Mutation(
                 "MAE: mask token not applied",
-                "x = torch.where(masked, self.mask_token.to(x.dtype), x)",
+                "x = torch.where(masked, self.mask_token, x)",
                 "x = torch.where(masked, x, x)",
             ),
             Mutation(
