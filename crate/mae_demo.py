@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="crate_mae_mini_patch4_28")
     parser.add_argument("--output", default=None, help="run folder (default runs/demo-mae-<model>)")
     parser.add_argument("--retrain", action="store_true", help="run every stage again")
-    parser.add_argument("--pretrain-epochs", type=int, default=1, help="passes over the training images")
+    parser.add_argument("--pretrain-epochs", type=int, default=5, help="passes over the training images")
     parser.add_argument("--pretrain-subset", type=int, default=0, help="pre-train on the first n (0: all)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak lr at batch 128, every stage")
     parser.add_argument(
         "--budget-images",
         type=int,
-        default=20000,
+        default=60000,
         help="training images each classifier sees (one epoch of the first n): the fine-tune and baselines",
     )
     parser.add_argument("--probe-images", type=int, default=10000, help="training images the probe fits")

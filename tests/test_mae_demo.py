@@ -150,7 +150,16 @@ def test_ridge_probe_fits_separable_features_and_is_at_chance_on_noise():
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_writes_its_outputs_and_reuses_them(tmp_path, capsys):
-    options = ["--output", str(tmp_path), "--pretrain-subset", "256", "--budget-images", "256"]
+    options = [
+        "--output",
+        str(tmp_path),
+        "--pretrain-epochs",
+        "1",
+        "--pretrain-subset",
+        "256",
+        "--budget-images",
+        "256",
+    ]
     options += ["--probe-images", "300", "--eval-subset", "256", "--audit-images", "12"]
     summary = mae_demo.main(options)
     output = capsys.readouterr().out
