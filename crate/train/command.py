@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     descriptions = option_help()
     for field in dataclasses.fields(TrainConfig):
         text = (descriptions[field.name] + _defaults(field)).replace("%", "%%")
-        if field.type is bool:
+        if field.type in (bool, bool | None):
             parser.add_argument(f"--{_flag(field.name)}", action=argparse.BooleanOptionalAction, help=text)
         else:
             kind = field.type if field.type in (int, float) else str

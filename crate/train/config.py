@@ -9,6 +9,7 @@ import timm
 import timm.optim
 
 from ..errors import InvalidError
+from .compiled import MODES, SDPA_BACKENDS
 from .presets import PRESETS
 
 
@@ -28,6 +29,8 @@ SESSION_OPTIONS = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "compile",
+        "compile_mode",
+        "sdpa_backend",
         "grad_checkpointing",
         "skip_verify",
     }
@@ -91,7 +94,13 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm (0: off)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     amp: bool = True  # bf16 autocast on GPU, and on CPUs with native bf16 (avx512_bf16 / amx_bf16)
-    compile: bool = False  # torch.compile the model for the training step
+    # torch.compile the training step: the model's forward and loss in one region, the backward through
+    # AOTAutograd, a fused optimizer where it has one (crate/train/compiled.py); None: on CUDA, off on CPU
+    compile: bool | None = None
+    # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune
+    compile_mode: str = "default"
+    # the SDPA kernel of MSSA's attention: auto (PyTorch's choice), cudnn, flash, efficient or math (CUDA)
+    sdpa_backend: str = "auto"
     skip_verify: bool = False  # train without the gate (crate/verify; exit 70 when it fails), recorded
     grad_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory
     workers: int = 0  # data-loading processes per rank (0: in the training process)
@@ -156,6 +165,12 @@ class TrainConfig:
         if self.eval_every < 1:
             raise ConfigError(
                 f"--eval-every must be >= 1 (epochs between evaluations), got {self.eval_every}"
+            )
+        if self.compile_mode not in MODES:
+            raise ConfigError(f"--compile-mode must be one of {', '.join(MODES)}, got {self.compile_mode!r}")
+        if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
+            raise ConfigError(
+                f"--sdpa-backend must be auto or one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}"
             )
         if self.eval_crop_mode not in ("center", "squash", "border"):
             raise ConfigError(

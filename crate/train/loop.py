@@ -23,6 +23,7 @@ from .. import analysis
 from ..models import CRATE
 from ..runtime import precision_name, progress_interval
 from ..weights import checkpoint
+from .compiled import sdpa_backend
 from .config import TrainConfig
 from .faults import NonFiniteStepsError, PreemptedError, StopSignals, on_every_rank
 from .setup import Run, check_before_training, set_up
@@ -38,7 +39,11 @@ def train(config: TrainConfig) -> dict:
     SIGUSR1 (once the current step is done on every rank and a checkpoint is written) and
     NonFiniteStepsError after --max-nonfinite-steps skipped steps in a row."""
     check_before_training(config)
-    run = set_up(config)
+    with sdpa_backend(config.sdpa_backend):  # the gate's and every step's attention alike
+        return _train(set_up(config))
+
+
+def _train(run: Run) -> dict:
     if run.distributed.is_main:
         _log_opening(run)
     progress = tqdm(
@@ -59,11 +64,15 @@ def train(config: TrainConfig) -> dict:
                 for micro_batches in epoch_steps(run):
                     loss, applied, stop = optimizer_step(run, micro_batches, signals.received is not None)
                     progress.update(1)
+                    if run.step == first_step + 1:
+                        first_step_end = time.perf_counter()
+                        if run.distributed.is_main:
+                            _log_first_step(run, first_step_end - steps_start)
                     if run.step % run.config.log_every == 0 or run.step == run.session_end:
                         _log_step(run, loss, tick, progress)
                         tick = time.perf_counter()
                     if run.step == first_step + run.config.log_every and run.distributed.is_main:
-                        _log_estimate(run, first_step, steps_start)
+                        _log_estimate(run, first_step, steps_start, first_step_end)
                     if not applied and run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
                         save_checkpoint(run)
                         raise NonFiniteStepsError(
@@ -133,8 +142,8 @@ def optimizer_step(run: Run, micro_batches: list, stop_requested: bool) -> tuple
             images, targets = run.mixup(images, targets)
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not dist.is_initialized() else run.train_model.no_sync()
-        with sync, run.autocast():
-            micro_loss = run.criterion(run.train_model(images), targets) / config.accum_steps
+        with sync:
+            micro_loss = run.forward_loss(images, targets) / config.accum_steps
             micro_loss.backward()
         loss += micro_loss.detach().float()
         run.images_seen += len(images) * run.distributed.world_size
@@ -240,14 +249,36 @@ def _log_opening(run: Run) -> None:
         else ""
     )
     log.info("steps: %d planned, %s, cosine schedule over them%s", run.total_steps, planned, session)
+    log.info("step: %s, SDPA backend %s", _step_kind(run), config.sdpa_backend)
+
+
+def _step_kind(run: Run) -> str:
+    """compile on (its mode, the optimizer fused or not) or off, and whether by default or by option."""
+    given = "default for " + run.distributed.device.type if run.config.compile is None else "option"
+    fused = any(group.get("fused") for group in run.optimizer.param_groups)
+    optimizer = f"{type(run.optimizer).__name__}{' fused' if fused else ''}"
+    if run.compiled:
+        return f"torch.compile on (mode {run.config.compile_mode}; {given}), {optimizer}"
+    return f"torch.compile off (eager; {given}), {optimizer}"
 
 
 def _size(dataset) -> str:
     return str(len(dataset)) if hasattr(dataset, "__len__") else "streamed"
 
 
-def _log_estimate(run: Run, first_step: int, start_time: float) -> None:
-    seconds_per_step = (time.perf_counter() - start_time) / (run.step - first_step)
+def _log_first_step(run: Run, seconds: float) -> None:
+    """The session's first step, which compiles the step when compiled: its time is the compile time."""
+    what = "torch.compile compiling the step" if run.compiled else "eager"
+    log.info("first step: %.1f s (%s)", seconds, what)
+
+
+def _log_estimate(run: Run, first_step: int, start_time: float, first_step_end: float) -> None:
+    """Seconds per steady step (after the first, which compiles when compiled) and the time left."""
+    steady = run.step - first_step - 1
+    if steady:
+        seconds_per_step = (time.perf_counter() - first_step_end) / steady
+    else:
+        seconds_per_step = first_step_end - start_time
     remaining = seconds_per_step * (run.session_end - run.step)
     log.info("%.3f s per step: about %s to step %d", seconds_per_step, _duration(remaining), run.session_end)
 

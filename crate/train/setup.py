@@ -21,11 +21,13 @@ from timm.data import Mixup
 from timm.models import split_model_name_tag
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.data import DataLoader, Dataset
 
 from .. import data
 from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed
 from ..weights import checkpoint, sources
+from .compiled import compiles, forward_loss, takes_fused
 from .config import SESSION_OPTIONS, ConfigError, TrainConfig
 from .objective import Classification, Reconstruction, is_masked_autoencoder, make_objective
 from .objective import make_loss as make_loss  # where crate/demo.py imports it from
@@ -41,7 +43,9 @@ class Run:
     distributed: Distributed
     output: Path
     model: torch.nn.Module  # the bare model: checkpoints, EMA and evaluation read it
-    train_model: torch.nn.Module  # the one the step runs: compiled and/or in DistributedDataParallel
+    train_model: torch.nn.Module  # the one the step runs: the model, or it in DistributedDataParallel
+    compiled: bool  # --compile, or its default for the device (crate/train/compiled.py)
+    forward_loss: Callable  # (images, targets) -> loss: train_model and the criterion, compiled or eager
     optimizer: torch.optim.Optimizer
     scheduler: timm.scheduler.scheduler.Scheduler
     ema: ModelEmaV3 | None
@@ -77,6 +81,11 @@ def set_up(config: TrainConfig) -> Run:
     """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
     distributed = setup_distributed()
     device = distributed.device
+    if config.sdpa_backend not in ("auto", "math") and device.type != "cuda":
+        raise ConfigError(
+            f"--sdpa-backend {config.sdpa_backend} is a CUDA kernel and this run is on {device}: "
+            "use auto or math"
+        )
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations
     output = Path(config.output)
@@ -111,11 +120,17 @@ def set_up(config: TrainConfig) -> Run:
 
     seed_everything(config.seed + distributed.rank)  # then per-rank streams for dropout, drop-path, Mixup
     step = checkpoint.restore(output, model, optimizer, ema, device, distributed.rank) if resuming else 0
-    train_model = torch.compile(model) if config.compile else model
+    compiled = compiles(config.compile, device)
+    set_fused(optimizer, compiled)  # after the restore: a checkpoint's param_groups carry their own flag
+    train_model = model
     if dist.is_initialized():
         train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    run_autocast = autocast(device, config.amp)
+    loss = forward_loss(
+        train_model, objective.criterion, run_autocast, config.compile_mode if compiled else None
+    )
     total_steps = planned_steps(config, steps_per_epoch)
     return Run(
         config=config,
@@ -123,6 +138,8 @@ def set_up(config: TrainConfig) -> Run:
         output=output,
         model=model,
         train_model=train_model,
+        compiled=compiled,
+        forward_loss=loss,
         optimizer=optimizer,
         scheduler=scheduler,
         ema=ema,
@@ -135,7 +152,7 @@ def set_up(config: TrainConfig) -> Run:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         session_end=min(total_steps, config.stop_after or total_steps),
-        autocast=autocast(device, config.amp),
+        autocast=run_autocast,
         telemetry_images=first_images(test_set, config.telemetry_batch),
         metrics_file=(output / "metrics.jsonl").open("a") if distributed.is_main else None,
         step=step,
@@ -364,6 +381,21 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
         updates_per_epoch=1,  # "epochs" here are steps
     )
     return optimizer, scheduler
+
+
+def set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> bool:
+    """Switch a torch.optim optimizer with a fused kernel (AdamW, Adam, SGD, ...) to it, or back to its
+    default multi-tensor loop, where its parameters' device has the kernel; True when fused. Set on the
+    groups, which the optimizer reads at each step (the constructor's ``fused=True`` sets the same)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    devices = _get_fused_kernels_supported_devices()
+    fused = fused and takes_fused(type(optimizer)) and all(p.device.type in devices for p in parameters)
+    for group in optimizer.param_groups:
+        if "fused" in group:
+            group["fused"] = fused or None  # None: the constructor's default (foreach where it can)
+            if fused:
+                group["foreach"] = None
+    return fused
 
 
 def first_images(dataset: Dataset, count: int) -> torch.Tensor | None:

@@ -40,7 +40,11 @@ def verify_run(run: Run) -> dict:
     else:
         images = run.telemetry_images[:IMAGES] if run.telemetry_images is not None else None
         report = check_model(
-            run.model, default_precision(device, config.amp), images=images, compiled=config.compile
+            run.model,
+            default_precision(device, config.amp),
+            images=images,
+            compiled=run.compiled,
+            compile_mode=config.compile_mode,
         )
         reports = _gathered(report.to_dict() | dict(rank=run.distributed.rank))
     failed = [report for report in reports if not report["passed"]]

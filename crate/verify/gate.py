@@ -8,6 +8,7 @@ and ISTA/ODL (each fed the reference's input of that layer, so errors do not com
 the head, and the whole model from images to logits (the compiled model, when compiled, too)."""
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -120,8 +121,8 @@ class Runners:
     model: Callable
 
     @classmethod
-    def of(cls, model: nn.Module, compiled: bool) -> "Runners":
-        wrap = torch.compile if compiled else (lambda function: function)
+    def of(cls, model: nn.Module, compiled: bool, mode: str = "default") -> "Runners":
+        wrap = functools.partial(torch.compile, mode=mode) if compiled else (lambda function: function)
         return cls(
             embed=wrap(lambda x: model.embed(x)),
             compress=wrap(lambda block, x: block.compress(x)),
@@ -140,6 +141,7 @@ def check_model(
     batch: int = 2,
     seed: int = 0,
     compiled: bool = False,
+    compile_mode: str = "default",
     paths: tuple[str, ...] = PATHS,
 ) -> Report:
     """Check ``model`` (CRATE, CRATE-α or CRATE-MAE, on its device, in the dtype of ``precision``) by
@@ -147,15 +149,15 @@ def check_model(
 
     ``images``: the inputs (e.g. a run's first images; by default ``batch`` seeded standard-normal
     ones, the statistics of normalised images). ``compiled``: every part, and the whole model, run
-    through torch.compile. The model's training flag is restored; dropout and drop-path are held off
-    while it is checked (their masks are random; verification/test_training_mode.py proves their exact
-    per-sample semantics). The global random state is left as it was. A CRATEMAE is checked part by
-    part as mae.py says, its masking drawn by noise seeded with ``seed``."""
+    through torch.compile in ``compile_mode``. The model's training flag is restored; dropout and
+    drop-path are held off while it is checked (their masks are random; verification/test_training_mode.py
+    proves their exact per-sample semantics). The global random state is left as it was. A CRATEMAE is
+    checked part by part as mae.py says, its masking drawn by noise seeded with ``seed``."""
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the reference's construction draws: a run's stream stays
         check = _check_mae if isinstance(model, CRATEMAE) else _check
-        return check(model, precision, images, batch, seed, compiled, paths)
+        return check(model, precision, images, batch, seed, (compiled, compile_mode), paths)
 
 
 def _default_images(
@@ -172,8 +174,9 @@ def _model_name(model: nn.Module) -> str:
     return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
-def _check_mae(model, precision, images, batch, seed, compiled, paths) -> Report:
+def _check_mae(model, precision, images, batch, seed, compiling, paths) -> Report:
     start = time.perf_counter()
+    compiled, mode = compiling
     config = model.config
     options = dict(
         fused_attn=config.fused_attn,
@@ -191,6 +194,7 @@ def _check_mae(model, precision, images, batch, seed, compiled, paths) -> Report
             seed=seed,
             compiled=compiled,
             paths=paths,
+            compile_mode=mode,
         )
     report = Report(_model_name(model), str(models.device), precision, compiled, options)
     report.rows = [Row(*row) for row in rows]
@@ -198,8 +202,9 @@ def _check_mae(model, precision, images, batch, seed, compiled, paths) -> Report
     return report
 
 
-def _check(model, precision, images, batch, seed, compiled, paths) -> Report:
+def _check(model, precision, images, batch, seed, compiling, paths) -> Report:
     start = time.perf_counter()
+    compiled, mode = compiling
     models = models_from_model(model, precision)
     config = model.config
     options = dict(
@@ -208,10 +213,10 @@ def _check(model, precision, images, batch, seed, compiled, paths) -> Report:
         recompute_norms=model.recompute_norms,
         drop_path_rate=config.drop_path_rate,
         drop_rate=config.drop_rate,
-    )
+    ) | (dict(compile_mode=mode) if compiled else {})
     report = Report(_model_name(model), str(models.device), precision, compiled, options)
     images = _default_images(model, images, batch, seed, models.dtype)
-    runners = Runners.of(model, compiled)
+    runners = Runners.of(model, compiled, mode)
     with _deterministic(model):
         stream = models.reference.embed(images.double())
         states = reference_states(models, stream)

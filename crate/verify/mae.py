@@ -13,6 +13,7 @@ from that noise, and its mask must equal the reference's exactly.
 
 gate.check_model runs ``rows`` for a CRATEMAE and reports them as it does CRATE's."""
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,8 +177,8 @@ class Runners:
     model: Callable  # (images, mask ratio, noise)
 
     @classmethod
-    def of(cls, model: CRATEMAE, compiled: bool) -> "Runners":
-        wrap = torch.compile if compiled else (lambda function: function)
+    def of(cls, model: CRATEMAE, compiled: bool, mode: str = "default") -> "Runners":
+        wrap = functools.partial(torch.compile, mode=mode) if compiled else (lambda function: function)
         return cls(
             embed=wrap(lambda images, masking: model.embed(images, masking)),
             compress=wrap(lambda block, x: block.compress(x)),
@@ -386,12 +387,19 @@ def model_rows(models: MAEModels, runners: Runners, images: torch.Tensor, noise:
 
 
 def rows(
-    model: CRATEMAE, precision: str, images: torch.Tensor, *, seed: int, compiled: bool, paths: tuple
+    model: CRATEMAE,
+    precision: str,
+    images: torch.Tensor,
+    *,
+    seed: int,
+    compiled: bool,
+    paths: tuple,
+    compile_mode: str = "default",
 ) -> tuple[MAEModels, list]:
     """(the models, (path, part, quantity, Errors) of every check), the masking drawn by noise seeded
     with ``seed``; ``images`` (B, C, H, W) in the precision's dtype, on the CPU."""
     models = models_from_model(model, precision)
-    runners = Runners.of(model, compiled)
+    runners = Runners.of(model, compiled, compile_mode)
     noise = torch.rand(
         images.shape[0], model.num_patches, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
     )

@@ -702,8 +702,8 @@ TARGETS = (
             ),
             Mutation(
                 "training: accumulated loss not divided by accum_steps",
-                "run.criterion(run.train_model(images), targets) / config.accum_steps",
-                "run.criterion(run.train_model(images), targets)",
+                "run.forward_loss(images, targets) / config.accum_steps",
+                "run.forward_loss(images, targets)",
             ),
         ),
     ),
