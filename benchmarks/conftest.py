@@ -1,6 +1,7 @@
 """Benchmark settings: full sizes by default (CPU: batch 8, float32; GPU: batch 256, bf16 autocast),
 or tiny sizes and one round with --bench-smoke (what `make test` runs, so the benchmarks cannot rot)."""
 
+import argparse
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,12 @@ from crate.runtime import keep_freed_memory
 def pytest_addoption(parser):
     parser.addoption("--bench-smoke", action="store_true", help="tiny sizes, one round: check that it runs")
     parser.addoption("--bench-rounds", type=int, default=7, help="timed rounds per benchmark")
+    parser.addoption(
+        "--bench-compile",
+        action=argparse.BooleanOptionalAction,
+        help="compiled training rows in the interleaved runs (default: on CUDA in full runs only; "
+        "compiling a step takes ~25 s on 2 CPU cores)",
+    )
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class Bench:
     batch: int
     rounds: int
     amp: bool  # bf16 autocast (GPU)
+    compile: bool = False  # compiled training rows (crate/train/compiled.py) beside the eager ones
 
     @property
     def sizes(self) -> list[str]:
@@ -45,4 +53,6 @@ def bench(request) -> Bench:
     if not gpu:
         keep_freed_memory()  # as the trainer runs (crate/runtime.py), for every model alike
     batch = 2 if smoke else (256 if gpu else 8)
-    return Bench(smoke, device, batch, 1 if smoke else request.config.getoption("--bench-rounds"), gpu)
+    compiled = request.config.getoption("--bench-compile")
+    rounds = 1 if smoke else request.config.getoption("--bench-rounds")
+    return Bench(smoke, device, batch, rounds, gpu, gpu and not smoke if compiled is None else compiled)

@@ -78,11 +78,16 @@ def read_run(path: Path) -> Run | None:
         if entries is not None:
             models, run_ratios = entries
             for r in run_ratios:
-                other = "naive" if r["fast_over"] == "naive" else "ViT"
-                ratios[f"{info['size']} {info['mode']} {FAMILY[r['family']]} fast/{other}"] = _spread_entry(r)
+                kind = r.get("kind", "fast")
+                other = {"naive": "naive", "vit": "ViT", "eager": "eager"}[r["fast_over"]]
+                if kind == "compiled" and other == "ViT":
+                    other = "ViT compiled"
+                name = f"{info['size']} {info['mode']} {FAMILY[r['family']]} {kind}/{other}"
+                ratios[name] = _spread_entry(r)
             for m in models:
-                if m["kind"] == "fast" and m["family"] != "vit":
-                    name = f"{info['size']} {info['mode']} {FAMILY[m['family']]}"
+                if m["kind"] == "compiled" or (m["kind"] == "fast" and m["family"] != "vit"):
+                    compiled = " compiled" if m["kind"] == "compiled" else ""
+                    name = f"{info['size']} {info['mode']} {FAMILY[m['family']]}{compiled}"
                     images[name] = _spread_entry(m["images_per_s"])["median"]
         elif "time_over_fast" in info:
             fast = info.get("fast_form")

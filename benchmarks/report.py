@@ -1,6 +1,7 @@
 """Print the benchmark tables (Markdown) from a pytest-benchmark JSON file.
 
 python -m benchmarks.report benchmarks/results/cpu-2026-11-26.json
+python -m benchmarks.report RUN.json RUN-choices.json     # one GPU run's files (benchmarks/run_gpu.sh)
 
 Reads this version's JSON (models grouped by family: CRATE, CRATE-α, ViT) and the earlier one (fast,
 naive and ViT keys of CRATE alone; ISTA forms without ranges).
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 FAMILY = {"crate": "CRATE", "crate_alpha": "CRATE-α", "vit": "ViT"}
-KIND = {"fast": "fast", "naive": "naive (released code)"}
+KIND = {"fast": "fast", "naive": "naive (released code)", "compiled": "compiled"}
 
 
 def _range(entry: dict | float, digits: int = 2) -> str:
@@ -45,6 +46,11 @@ def throughput_table(benchmarks: list[dict]) -> str:
         "(the speed-up at equal FLOP/s) | fast / ViT (min–max) |",
         "|---|---|---|---|---|---|",
     ]
+    compiled_ratios = [
+        "| size | mode | family | compiled / eager step (min–max) | compiled / compiled ViT (min–max) "
+        "| first step s (compiling) |",
+        "|---|---|---|---|---|---|",
+    ]
     run_peak = run_matmul_peak(benchmarks)
     for bench in benchmarks:
         info = bench["extra_info"]
@@ -56,7 +62,10 @@ def throughput_table(benchmarks: list[dict]) -> str:
         for model in models:
             memory, parameters = model["peak_memory_mib"], model.get("parameters")
             utilisation = model["utilisation"] * rescale
-            kind = "timm" if model["family"] == "vit" else KIND[model["kind"]]
+            if model["family"] == "vit":
+                kind = "timm" + (" compiled" if model["kind"] == "compiled" else "")
+            else:
+                kind = KIND[model["kind"]]
             lines.append(
                 f"| {info['size']} | {info['mode']} | {FAMILY[model['family']]} | {kind} | "
                 f"{'n/a' if parameters is None else f'{parameters / 1e6:.1f}M'} | "
@@ -65,13 +74,37 @@ def throughput_table(benchmarks: list[dict]) -> str:
             )
         by_family: dict[str, dict] = {}
         for ratio in run_ratios:
-            by_family.setdefault(ratio["family"], {})[ratio["fast_over"]] = ratio
+            if ratio.get("kind", "fast") == "fast":
+                by_family.setdefault(ratio["family"], {})[ratio["fast_over"]] = ratio
         for family, over in by_family.items():
             ratios.append(
                 f"| {info['size']} | {info['mode']} | {FAMILY[family]} | "
                 f"{_range(over['naive'])} | {_flop_ratio(models, family)} | {_range(over['vit'])} |"
             )
-    return "\n".join([*lines, "", *ratios])
+        compiled_ratios += _compiled_rows(info, models, run_ratios)
+    tables = [*lines, "", *ratios]
+    if len(compiled_ratios) > 2:
+        tables += ["", *compiled_ratios]
+    return "\n".join(tables)
+
+
+def _compiled_rows(info: dict, models: list[dict], run_ratios: list[dict]) -> list[str]:
+    """Per family: the compiled step over the eager one, over the compiled ViT, and its first step
+    (the compile) in seconds."""
+    first = {m["family"]: m.get("first_step_s") for m in models if m["kind"] == "compiled"}
+    over: dict[str, dict] = {}
+    for ratio in run_ratios:
+        if ratio.get("kind") == "compiled":
+            over.setdefault(ratio["family"], {})[ratio["fast_over"]] = ratio
+    rows = []
+    for family, entries in over.items():
+        vit = _range(entries["vit"]) if "vit" in entries else "n/a"
+        seconds = f"{first[family]:.0f}" if first.get(family) is not None else "n/a"
+        rows.append(
+            f"| {info['size']} | {info['mode']} | {FAMILY[family]} | {_range(entries['eager'])} | {vit} "
+            f"| {seconds} |"
+        )
+    return rows
 
 
 def run_matmul_peak(benchmarks: list[dict]) -> float | None:
@@ -155,12 +188,110 @@ def loading_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+# the issue's goals (22): one GPU, bf16, batch 256, 224², each model at its best setting (eager or
+# compiled) in the same run; the memory limits are the eager training steps' of the 2026-11-27 H100 run
+SPEED_GOALS = (("small", 1.5), ("tiny", 1.3))  # CRATE images/s over ViT's of the size, at least
+UTILISATION_GOALS = (("crate", 0.30), ("crate_alpha", 0.40))  # at base, of the run's matmul peak
+MEMORY_LIMITS_MIB = {"tiny": 4090, "small": 6011, "base": 7974}  # CRATE's training step, at most
+
+
+def _best(models: list[dict], family: str) -> dict | None:
+    """The family's fastest row among its fast (eager) and compiled ones."""
+    rows = [m for m in models if m["family"] == family and m["kind"] in ("fast", "compiled")]
+    return max(rows, key=lambda m: _median(m["images_per_s"]), default=None)
+
+
+def goals_table(benchmarks: list[dict]) -> str:
+    """Each goal of the issue, met or missed, from this run's training rows (absent rows: not
+    measured); utilisation against the run's best matmul peak."""
+    train = {}
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if info.get("mode") == "train" and "models" in info:
+            train[info["size"]] = (info, info["models"])
+    if not train:
+        return ""
+    run_peak = run_matmul_peak(benchmarks)
+    some = next(iter(train.values()))[0]
+    lines = [
+        f"Goals (issue 22; this run: batch {some.get('batch', '?')}, {some.get('device', '?')}; each model's "
+        "best of eager and compiled)",
+        "",
+        "| goal | measured | verdict |",
+        "|---|---|---|",
+    ]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    def label(row: dict) -> str:
+        return "compiled" if row["kind"] == "compiled" else "eager"
+
+    for size, goal in SPEED_GOALS:
+        if size not in train:
+            continue
+        crate, vit = _best(train[size][1], "crate"), _best(train[size][1], "vit")
+        ratio = _median(crate["images_per_s"]) / _median(vit["images_per_s"])
+        lines.append(
+            f"| CRATE-{size[0].upper()} / ViT-{size[0].upper()}/16 training images/s ≥ {goal} | {ratio:.2f} "
+            f"({label(crate)} {_median(crate['images_per_s']):.0f} / {label(vit)} "
+            f"{_median(vit['images_per_s']):.0f}) | {verdict(ratio >= goal)} |"
+        )
+    if "base" in train:
+        info, models = train["base"]
+        rescale = info["matmul_peak_gflops"] / run_peak if run_peak and "matmul_peak_gflops" in info else 1.0
+        for family, goal in UTILISATION_GOALS:
+            row = _best(models, family)
+            if row is None:
+                continue
+            used = row["utilisation"] * rescale
+            lines.append(
+                f"| {FAMILY[family]}-B/16 training at ≥ {100 * goal:.0f}% of the matmul peak | "
+                f"{100 * used:.1f}% ({label(row)}) | {verdict(used >= goal)} |"
+            )
+    for size, limit in MEMORY_LIMITS_MIB.items():
+        row = _best(train[size][1], "crate") if size in train else None
+        if row is None or row["peak_memory_mib"] is None:
+            continue
+        memory = row["peak_memory_mib"]
+        lines.append(
+            f"| CRATE-{size[0].upper()} training step memory ≤ {limit} MiB (2026-11-27's) | {memory:.0f} MiB "
+            f"({label(row)}) | {verdict(memory <= limit)} |"
+        )
+    return "\n".join(lines)
+
+
+def choices_table(benchmarks: list[dict]) -> str:
+    """The measurements that choose a setting (benchmarks/test_compile_choices.py): each candidate's
+    time (and, for SDPA, whether it keeps the precision rule); the choice is the fastest that may run."""
+    lines = [
+        "| choice | shapes | candidate | ms per step median (min–max) | over the first candidate "
+        "| first call s | rule | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if "candidates" not in info:
+            continue
+        chosen = info.get("chosen")
+        for name, entry in info["candidates"].items():
+            rule = {True: "holds", False: "BREAKS", None: "n/a"}[entry.get("holds")]
+            first = entry.get("first_call_s")
+            lines.append(
+                f"| {info['choice']} | {info['shapes']} | {name} | {_range(entry['milliseconds'])} | "
+                f"{_range(entry['time_over_first'])} | {'n/a' if first is None else f'{first:.1f}'} | "
+                f"{rule} | {'←' if name == chosen else ''} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+", help="one run's JSON files (their tables together)")
     args = parser.parse_args(argv)
-    data = json.loads(args.results.read_text())
-    benchmarks = data["benchmarks"]
+    runs = [json.loads(path.read_text()) for path in args.results]
+    data = runs[0]
+    benchmarks = [bench for run in runs for bench in run["benchmarks"]]
     device = next((b["extra_info"].get("device") for b in benchmarks if "device" in b["extra_info"]), "?")
     peak = run_matmul_peak(benchmarks)
     amp = next(
@@ -175,10 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     print(forms_table(benchmarks))
     print()
     print(options_table(benchmarks))
-    loading = loading_table(benchmarks)
-    if loading:
-        print()
-        print(loading)
+    for table in (loading_table(benchmarks), choices_table(benchmarks), goals_table(benchmarks)):
+        if table:
+            print()
+            print(table)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import crate
 import crate.models.alpha
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha, OvercompleteISTA
 from crate.models.attention import symmetric_attention
+from crate.train.compiled import forward_loss
+from crate.train.setup import set_fused
 from reference import proximal_gradient_steps
 from verification.test_symmetric_attention import saved_bytes
 
@@ -50,10 +52,15 @@ def build(family: str, kind: str, size: str, bench) -> torch.nn.Module:
     return model.to(bench.device)
 
 
-def run_models(size: str, bench) -> list[tuple[str, str]]:
-    """(family, kind) of every model of one interleaved run at this size, in the run's order."""
+def run_models(size: str, bench, mode: str = "inference") -> list[tuple[str, str]]:
+    """(family, kind) of every model of one interleaved run at this size, in the run's order; in a
+    training run with bench.compile, each fast model (ViT's too) also "compiled": its training step
+    as crate train compiles it (crate/train/compiled.py: forward and loss in one region, fused AdamW)."""
     families = ["crate", *(["crate_alpha"] if size in bench.alpha_sizes else [])]
-    return [(family, kind) for family in families for kind in ("fast", "naive")] + [("vit", "fast")]
+    keys = [(family, kind) for family in families for kind in ("fast", "naive")] + [("vit", "fast")]
+    if mode == "train" and bench.compile:
+        keys += [(family, "compiled") for family in [*families, "vit"]]
+    return keys
 
 
 def _images(bench) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +70,9 @@ def _images(bench) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, 1000, (bench.batch,), generator=generator).to(bench.device)
 
 
-def step_function(model: torch.nn.Module, mode: str, bench):
-    """One inference forward, or one training step (forward, backward, AdamW)."""
+def step_function(model: torch.nn.Module, mode: str, bench, compile_mode: str | None = None):
+    """One inference forward, or one training step (forward, backward, AdamW): eager with AdamW's
+    multi-tensor loop, or with ``compile_mode`` the trainer's compiled step and its fused AdamW."""
     images, targets = _images(bench)
     autocast = torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.amp)
     if mode == "inference":
@@ -76,12 +84,17 @@ def step_function(model: torch.nn.Module, mode: str, bench):
     else:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        set_fused(optimizer, compile_mode is not None)
+        loss_of = forward_loss(
+            model,
+            F.cross_entropy,
+            lambda: torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.amp),
+            compile_mode,
+        )
 
         def run():
             optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = F.cross_entropy(model(images), targets)
-            loss.backward()
+            loss_of(images, targets).backward()
             optimizer.step()
 
     def synchronized():
@@ -216,14 +229,20 @@ def test_interleaved_throughput(benchmark, bench, peak, size, mode):
     run_mode = mode
     if mode == "latency":
         bench, run_mode = dataclasses.replace(bench, batch=1), "inference"
-    keys = run_models(size, bench)
+    keys = run_models(size, bench, run_mode)
     models = {key: build(*key, size, bench) for key in keys}
     for family, kind in keys:
-        if kind == "naive":  # the same weights, the same function
+        if kind != "fast":  # the same weights, the same function
             models[family, kind].load_state_dict(models[family, "fast"].state_dict())
-    steps = {key: step_function(model, run_mode, bench) for key, model in models.items()}
-    for step in steps.values():
-        step()  # warm-up
+    steps = {
+        key: step_function(model, run_mode, bench, "default" if key[1] == "compiled" else None)
+        for key, model in models.items()
+    }
+    warm_up = {}
+    for key, step in steps.items():
+        start = time.perf_counter()
+        step()  # warm-up; a compiled step compiles here
+        warm_up[key] = time.perf_counter() - start
     seconds = {key: [] for key in keys}
     rotation = [0]
 
@@ -266,15 +285,21 @@ def test_interleaved_throughput(benchmark, bench, peak, size, mode):
                 gflops_per_image=flops / 1e9,
                 utilisation=statistics.median(images_per_s) * flops / 1e9 / peak_gflops,
                 peak_memory_mib=memory[family, kind],
+                first_step_s=warm_up[family, kind],  # of a compiled step: its compile time
             )
         )
     for family, kind in keys:
-        if kind != "fast" or family == "vit":
+        if kind == "naive" or (family == "vit" and kind == "fast"):
             continue
-        fast = seconds[family, "fast"]
-        for other, other_seconds in (("naive", seconds[family, "naive"]), ("vit", seconds["vit", "fast"])):
-            ratios = [o / f for f, o in zip(fast, other_seconds, strict=True)]
-            info["ratios"].append(dict(family=family, fast_over=other, **_spread(ratios)))
+        if kind == "fast":
+            others = (("naive", seconds[family, "naive"]), ("vit", seconds["vit", "fast"]))
+        else:  # compiled, over its eager self and over the compiled ViT
+            others = (("eager", seconds[family, "fast"]), ("vit", seconds["vit", "compiled"]))
+        for other, other_seconds in others:
+            if family == "vit" and other == "vit":
+                continue
+            ratios = [o / f for f, o in zip(seconds[family, kind], other_seconds, strict=True)]
+            info["ratios"].append(dict(family=family, kind=kind, fast_over=other, **_spread(ratios)))
     benchmark.extra_info.update(info)
 
 
@@ -533,10 +558,10 @@ def test_attention_forms(benchmark, bench, mode):
     benchmark.extra_info.update(info)
 
 
+# torch.compile is measured in the interleaved runs (their compiled rows), for every family and size
 OPTIONS = {
     "explicit attention": dict(fused_attn=False),
     "gradient checkpointing": dict(grad_checkpointing=True),
-    "torch.compile": dict(compile=True),
     "bf16 autocast": dict(amp=True),
 }
 
@@ -548,8 +573,6 @@ def test_speed_options(benchmark, bench, option, mode):
     autograd), interleaved, in the run's precision (CPU float32, GPU bf16 autocast), except "bf16
     autocast", which is against float32 on either; speed-up = default time / option time."""
     settings = OPTIONS[option]
-    if settings.get("compile") and bench.smoke:
-        pytest.skip("torch.compile takes tens of seconds: full runs only")
     overrides = bench.model_kwargs()
     default = timm.create_model("crate_tiny_patch16_224", **overrides).to(bench.device)
     variant = timm.create_model(
@@ -558,8 +581,6 @@ def test_speed_options(benchmark, bench, option, mode):
     variant.load_state_dict(default.state_dict())
     if settings.get("grad_checkpointing"):
         variant.set_grad_checkpointing(True)
-    if settings.get("compile"):
-        variant = torch.compile(variant)
     default_bench = dataclasses.replace(bench, amp=False) if settings.get("amp") else bench
     option_bench = dataclasses.replace(bench, amp=settings.get("amp", bench.amp))
     steps = {

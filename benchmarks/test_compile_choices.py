@@ -1,0 +1,173 @@
+"""The measurements that choose a training setting on CUDA, each candidate timed in interleaved rounds
+(rotating order) in one run: torch.compile's mode for a CRATE-T and CRATE-S training step, the
+optimizer step (fused AdamW, its multi-tensor loop, and that loop compiled as PyTorch's "compiling the
+optimizer" recipe has it), and the SDPA backend of MSSA's attention at N = 197 (with whether each
+keeps the precision rule forward and backward: only those that do may be chosen).
+
+`python -m benchmarks.report RUN.json RUN-choices.json` prints them with the fastest admissible
+candidate marked. CUDA only: compiling a step takes tens of seconds, and the CPU's choices are made
+(eager, symmetric_attention). Nothing here fails on speed.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from benchmarks.test_throughput import step_function
+from crate.train.compiled import MODES
+from verification.test_symmetric_attention import SDPA_BACKENDS, SIZES, explicit, sdpa, sdpa_rule_errors
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the choices are the GPU's")
+CHOSEN_MODES = [mode for mode in MODES if mode != "max-autotune"]  # max-autotune: both of the others
+
+
+def interleaved(benchmark, bench, candidates: dict[str, Callable[[], None]], rounds: int) -> dict:
+    """ms per call of each candidate (one call each per round, rotating), its time over the first
+    candidate's per round, and its first call's seconds (a compiled one compiles there)."""
+    names = list(candidates)
+    first_call = {}
+    for name, call in candidates.items():
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        first_call[name] = time.perf_counter() - start
+    seconds = {name: [] for name in names}
+    rotation = [0]
+
+    def one_round():
+        start_at = rotation[0] % len(names)
+        rotation[0] += 1
+        for name in names[start_at:] + names[:start_at]:
+            start = time.perf_counter()
+            candidates[name]()
+            torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1)
+    first = seconds[names[0]]
+    return {
+        name: dict(
+            milliseconds=_spread([1e3 * t for t in s]),
+            time_over_first=_spread([t / f for f, t in zip(first, s, strict=True)]),
+            first_call_s=first_call[name],
+        )
+        for name, s in seconds.items()
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return dict(min=min(values), median=statistics.median(values), max=max(values))
+
+
+def _fastest(candidates: dict, admissible=lambda name: True) -> str | None:
+    names = [name for name in candidates if admissible(name)]
+    return min(names, key=lambda name: candidates[name]["milliseconds"]["median"], default=None)
+
+
+@CUDA
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_compile_modes(benchmark, bench, size):
+    """A CRATE training step (batch 256, bf16 autocast, fused AdamW) eager and in each torch.compile
+    mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs (Triton matmul templates
+    tried per shape: its first call is the longest)."""
+    if bench.smoke:
+        pytest.skip("full runs only: compiling takes tens of seconds per mode")
+    name = f"crate_{size}_patch16_224"
+    first = timm.create_model(name).to(bench.device)
+    candidates = {"eager": step_function(first, "train", bench)}
+    for mode in CHOSEN_MODES:
+        model = timm.create_model(name).to(bench.device)
+        model.load_state_dict(first.state_dict())
+        candidates[mode] = step_function(model, "train", bench, mode)
+    measured = interleaved(benchmark, bench, candidates, bench.rounds)
+    benchmark.extra_info.update(
+        choice="torch.compile mode",
+        shapes=f"CRATE-{size[0].upper()} train step, batch {bench.batch}",
+        device=torch.cuda.get_device_name(),
+        candidates=measured,
+        chosen=_fastest(measured),
+    )
+
+
+def _adamw_steps(model: torch.nn.Module) -> dict[str, Callable[[], None]]:
+    """AdamW over the model's parameters with fixed random gradients: fused, its multi-tensor loop,
+    and the loop through torch.compile with the learning rate a tensor (the recipe: a scheduler's new
+    value is then data, not a recompile)."""
+    parameters = list(model.parameters())
+    generator = torch.Generator(device=parameters[0].device).manual_seed(0)
+    for p in parameters:
+        p.grad = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 1e-3
+    fused = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
+    loop = torch.optim.AdamW(parameters, lr=1e-4, foreach=True)
+    compiled = torch.optim.AdamW(parameters, lr=torch.tensor(1e-4), foreach=True)
+    return {"fused": fused.step, "foreach": loop.step, "foreach compiled": torch.compile(compiled.step)}
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["crate_base_patch16_224", "vit_base_patch16_224"])
+def test_optimizer_step(benchmark, bench, name):
+    """The optimizer step alone over a B-size model's parameters (the trainer's: fused)."""
+    if bench.smoke:
+        pytest.skip("full runs only: compiling the optimizer takes tens of seconds")
+    model = timm.create_model(name).to(bench.device)
+    measured = interleaved(benchmark, bench, _adamw_steps(model), bench.rounds * 3)
+    benchmark.extra_info.update(
+        choice="optimizer step (AdamW)",
+        shapes=f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+        device=torch.cuda.get_device_name(),
+        candidates=measured,
+        chosen=_fastest(measured),
+    )
+
+
+def _attention_call(attention: Callable, w: torch.Tensor, scale: float) -> Callable[[], None]:
+    def call():
+        w.grad = None
+        attention(w, scale).sum().backward()
+
+    return call
+
+
+@CUDA
+@pytest.mark.parametrize("size", list(SIZES))
+def test_sdpa_backends(benchmark, bench, size):
+    """MSSA's attention softmax(s·WWᵀ)·W forward and backward at batch 256, N = 197, CRATE-T/S/B's
+    heads, bf16: each SDPA backend pinned, PyTorch's own choice ("auto") and the explicit path; with
+    whether each keeps the precision rule in bf16, soft and peaky, forward and backward
+    (verification/test_symmetric_attention.py, at batch 2). The choice: the fastest that keeps it."""
+    layer = SIZES[size]
+    heads, tokens, head_dim = layer["heads"], layer["tokens"], layer["head_dim"]
+    batch = 8 if bench.smoke else bench.batch
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(batch, heads, tokens, head_dim, generator=generator) / 3**0.5
+    w = w.to(bench.device, torch.bfloat16).requires_grad_()
+    scale = head_dim**-0.5
+    auto = lambda w, scale: F.scaled_dot_product_attention(w, w, w, scale=scale)  # noqa: E731
+    attentions = {"auto": auto, **{name: sdpa(name) for name in SDPA_BACKENDS}, "explicit": explicit}
+    holds, candidates = {}, {}
+    for name, attention in attentions.items():
+        try:
+            _attention_call(attention, w, scale)()
+        except RuntimeError as error:  # "No available kernel": the backend cannot run these shapes
+            holds[name] = f"no kernel: {str(error).splitlines()[0]}"
+            continue
+        candidates[name] = _attention_call(attention, w, scale)
+        if name in SDPA_BACKENDS:
+            errors = [sdpa_rule_errors(name, "bfloat16", peaky, layer) for peaky in (False, True)]
+            holds[name] = all(e.holds for pair in errors for e in pair)
+    measured = interleaved(benchmark, bench, candidates, bench.rounds * 3)
+    for name, entry in measured.items():
+        entry["holds"] = holds.get(name) if isinstance(holds.get(name), bool) else None
+    benchmark.extra_info.update(
+        choice="SDPA backend (--sdpa-backend)",
+        shapes=f"CRATE-{size[0].upper()}: {batch}×{heads}×{tokens}×{head_dim}, bf16, forward+backward",
+        device=torch.cuda.get_device_name(),
+        candidates=measured,
+        unavailable={name: why for name, why in holds.items() if not isinstance(why, bool)},
+        chosen=_fastest(measured, lambda name: measured[name]["holds"] is True),
+    )
