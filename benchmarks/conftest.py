@@ -13,6 +13,7 @@ from crate.runtime import keep_freed_memory
 def pytest_addoption(parser):
     parser.addoption("--bench-smoke", action="store_true", help="tiny sizes, one round: check that it runs")
     parser.addoption("--bench-rounds", type=int, default=7, help="timed rounds per benchmark")
+    parser.addoption("--choices-json", help="test_compile_choices.py: write each finished result here")
     parser.addoption(
         "--bench-compile",
         action=argparse.BooleanOptionalAction,

@@ -5,13 +5,17 @@ optimizer" recipe has it), and the SDPA backend of MSSA's attention at N = 197 (
 keeps the precision rule forward and backward: only those that do may be chosen).
 
 `python -m benchmarks.report RUN.json RUN-choices.json` prints them with the fastest admissible
-candidate marked. CUDA only: compiling a step takes tens of seconds, and the CPU's choices are made
+candidate marked; --choices-json RUN-choices.json writes each test's result as it finishes (the
+tests run cheapest first). CUDA only: compiling a step takes tens of seconds, and the CPU's choices are made
 (eager, symmetric_attention). Nothing here fails on speed.
 """
 
+import datetime
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import timm
@@ -19,11 +23,26 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.test_throughput import step_function
-from crate.train.compiled import MODES
 from verification.test_symmetric_attention import SDPA_BACKENDS, SIZES, explicit, sdpa, sdpa_rule_errors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the choices are the GPU's")
-CHOSEN_MODES = [mode for mode in MODES if mode != "max-autotune"]  # max-autotune: both of the others
+
+
+@pytest.fixture(scope="session")
+def record_choice(request):
+    """extra_info of a choice benchmark, also written at once to --choices-json (pytest-benchmark's
+    layout, one entry per finished test), so that a time limit that stops the session keeps them."""
+    path, finished = request.config.getoption("--choices-json"), []
+
+    def record(benchmark, **info):
+        info = dict(info, device=torch.cuda.get_device_name())
+        benchmark.extra_info.update(info)
+        finished.append(dict(name=benchmark.name, extra_info=info))
+        if path:
+            when = datetime.datetime.now(datetime.UTC).isoformat()
+            Path(path).write_text(json.dumps(dict(datetime=when, benchmarks=finished), indent=1) + "\n")
+
+    return record
 
 
 def interleaved(benchmark, bench, candidates: dict[str, Callable[[], None]], rounds: int) -> dict:
@@ -69,62 +88,6 @@ def _fastest(candidates: dict, admissible=lambda name: True) -> str | None:
     return min(names, key=lambda name: candidates[name]["milliseconds"]["median"], default=None)
 
 
-@CUDA
-@pytest.mark.parametrize("size", ["tiny", "small"])
-def test_compile_modes(benchmark, bench, size):
-    """A CRATE training step (batch 256, bf16 autocast, fused AdamW) eager and in each torch.compile
-    mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs (Triton matmul templates
-    tried per shape: its first call is the longest)."""
-    if bench.smoke:
-        pytest.skip("full runs only: compiling takes tens of seconds per mode")
-    name = f"crate_{size}_patch16_224"
-    first = timm.create_model(name).to(bench.device)
-    candidates = {"eager": step_function(first, "train", bench)}
-    for mode in CHOSEN_MODES:
-        model = timm.create_model(name).to(bench.device)
-        model.load_state_dict(first.state_dict())
-        candidates[mode] = step_function(model, "train", bench, mode)
-    measured = interleaved(benchmark, bench, candidates, bench.rounds)
-    benchmark.extra_info.update(
-        choice="torch.compile mode",
-        shapes=f"CRATE-{size[0].upper()} train step, batch {bench.batch}",
-        device=torch.cuda.get_device_name(),
-        candidates=measured,
-        chosen=_fastest(measured),
-    )
-
-
-def _adamw_steps(model: torch.nn.Module) -> dict[str, Callable[[], None]]:
-    """AdamW over the model's parameters with fixed random gradients: fused, its multi-tensor loop,
-    and the loop through torch.compile with the learning rate a tensor (the recipe: a scheduler's new
-    value is then data, not a recompile)."""
-    parameters = list(model.parameters())
-    generator = torch.Generator(device=parameters[0].device).manual_seed(0)
-    for p in parameters:
-        p.grad = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 1e-3
-    fused = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
-    loop = torch.optim.AdamW(parameters, lr=1e-4, foreach=True)
-    compiled = torch.optim.AdamW(parameters, lr=torch.tensor(1e-4), foreach=True)
-    return {"fused": fused.step, "foreach": loop.step, "foreach compiled": torch.compile(compiled.step)}
-
-
-@CUDA
-@pytest.mark.parametrize("name", ["crate_base_patch16_224", "vit_base_patch16_224"])
-def test_optimizer_step(benchmark, bench, name):
-    """The optimizer step alone over a B-size model's parameters (the trainer's: fused)."""
-    if bench.smoke:
-        pytest.skip("full runs only: compiling the optimizer takes tens of seconds")
-    model = timm.create_model(name).to(bench.device)
-    measured = interleaved(benchmark, bench, _adamw_steps(model), bench.rounds * 3)
-    benchmark.extra_info.update(
-        choice="optimizer step (AdamW)",
-        shapes=f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
-        device=torch.cuda.get_device_name(),
-        candidates=measured,
-        chosen=_fastest(measured),
-    )
-
-
 def _attention_call(attention: Callable, w: torch.Tensor, scale: float) -> Callable[[], None]:
     def call():
         w.grad = None
@@ -135,7 +98,7 @@ def _attention_call(attention: Callable, w: torch.Tensor, scale: float) -> Calla
 
 @CUDA
 @pytest.mark.parametrize("size", list(SIZES))
-def test_sdpa_backends(benchmark, bench, size):
+def test_sdpa_backends(benchmark, bench, record_choice, size):
     """MSSA's attention softmax(s·WWᵀ)·W forward and backward at batch 256, N = 197, CRATE-T/S/B's
     heads, bf16: each SDPA backend pinned, PyTorch's own choice ("auto") and the explicit path; with
     whether each keeps the precision rule in bf16, soft and peaky, forward and backward
@@ -163,11 +126,81 @@ def test_sdpa_backends(benchmark, bench, size):
     measured = interleaved(benchmark, bench, candidates, bench.rounds * 3)
     for name, entry in measured.items():
         entry["holds"] = holds.get(name) if isinstance(holds.get(name), bool) else None
-    benchmark.extra_info.update(
+    record_choice(
+        benchmark,
         choice="SDPA backend (--sdpa-backend)",
         shapes=f"CRATE-{size[0].upper()}: {batch}×{heads}×{tokens}×{head_dim}, bf16, forward+backward",
-        device=torch.cuda.get_device_name(),
         candidates=measured,
         unavailable={name: why for name, why in holds.items() if not isinstance(why, bool)},
         chosen=_fastest(measured, lambda name: measured[name]["holds"] is True),
+    )
+
+
+def _adamw_steps(model: torch.nn.Module) -> dict[str, Callable[[], None]]:
+    """AdamW over the model's parameters with fixed random gradients: fused, its multi-tensor loop,
+    and the loop through torch.compile with the learning rate a tensor (the recipe: a scheduler's new
+    value is then data, not a recompile)."""
+    parameters = list(model.parameters())
+    generator = torch.Generator(device=parameters[0].device).manual_seed(0)
+    for p in parameters:
+        p.grad = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 1e-3
+    fused = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
+    loop = torch.optim.AdamW(parameters, lr=1e-4, foreach=True)
+    compiled = torch.optim.AdamW(parameters, lr=torch.tensor(1e-4))  # the recipe's: foreach by default
+    return {"fused": fused.step, "foreach": loop.step, "foreach compiled": torch.compile(compiled.step)}
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["crate_base_patch16_224"])
+def test_optimizer_step(benchmark, bench, record_choice, name):
+    """The optimizer step alone over a B-size model's parameters (the trainer's: fused)."""
+    if bench.smoke:
+        pytest.skip("full runs only: compiling the optimizer takes tens of seconds")
+    model = timm.create_model(name).to(bench.device)
+    measured = interleaved(benchmark, bench, _adamw_steps(model), bench.rounds * 3)
+    record_choice(
+        benchmark,
+        choice="optimizer step (AdamW)",
+        shapes=f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+        candidates=measured,
+        chosen=_fastest(measured),
+    )
+
+
+# cheapest first, so that a time limit (benchmarks/run_gpu.sh) cuts the most expensive: the default
+# mode's graphs are in the compile cache after the throughput runs; max-autotune tries Triton matmul
+# templates per shape, its first call the longest
+MODE_CASES = [
+    ("tiny", "default"),
+    ("tiny", "reduce-overhead"),
+    ("small", "default"),
+    ("small", "reduce-overhead"),
+    ("tiny", "max-autotune-no-cudagraphs"),
+    ("small", "max-autotune-no-cudagraphs"),
+]
+
+
+@CUDA
+@pytest.mark.parametrize(("size", "mode"), MODE_CASES)
+def test_compile_modes(benchmark, bench, record_choice, size, mode):
+    """A CRATE training step (batch 256, bf16 autocast, fused AdamW) compiled in one torch.compile
+    mode against the eager step, interleaved: default, reduce-overhead (CUDA graphs),
+    max-autotune-no-cudagraphs."""
+    if bench.smoke:
+        pytest.skip("full runs only: compiling takes tens of seconds per mode")
+    name = f"crate_{size}_patch16_224"
+    eager = timm.create_model(name).to(bench.device)
+    model = timm.create_model(name).to(bench.device)
+    model.load_state_dict(eager.state_dict())
+    candidates = {
+        "eager": step_function(eager, "train", bench),
+        mode: step_function(model, "train", bench, mode),
+    }
+    measured = interleaved(benchmark, bench, candidates, bench.rounds)
+    record_choice(
+        benchmark,
+        choice="torch.compile mode",
+        shapes=f"CRATE-{size[0].upper()} train step, batch {bench.batch}",
+        candidates=measured,
+        chosen=_fastest(measured),
     )

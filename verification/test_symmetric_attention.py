@@ -164,9 +164,14 @@ def test_symmetric_attention_saves_only_w_and_p(dtype):
 
 CUDA_ONLY = options.needs_cuda()
 SDPA_BACKENDS = {
+    "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
     "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
     "memory-efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+    "math": torch.nn.attention.SDPBackend.MATH,  # the baseline: PyTorch's explicit composite
 }
+HALF_ONLY = ("cudnn", "flash")  # no float32 kernel
+# the head shapes of CRATE-T, -S and -B at 224² with 16² patches: 197 tokens, 6×64, 12×48, 12×64
+SIZES = {size: options.layer_shapes(f"crate_{size}_patch16_224") for size in ("tiny", "small", "base")}
 
 
 def sdpa(backend: str):
@@ -177,20 +182,34 @@ def sdpa(backend: str):
     return attention
 
 
+def sdpa_rule_errors(backend: str, precision: str, peaky: bool, layer: dict):
+    """rule_errors of one pinned SDPA backend on CUDA; pytest.skip naming the backend and the shapes
+    where it has no kernel for them (PyTorch raises "No available kernel")."""
+    try:
+        return rule_errors(sdpa(backend), precision, peaky, "cuda", layer)
+    except RuntimeError as error:
+        if "No available kernel" not in str(error):
+            raise
+        pytest.skip(f"SDPA {backend} has no kernel for {precision} at {layer}: {str(error).splitlines()[0]}")
+
+
 @CUDA_ONLY
+@pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("backend", list(SDPA_BACKENDS))
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "bf16-autocast"])
 @pytest.mark.parametrize("peaky", [False, True], ids=["soft", "peaky"])
-def test_cuda_sdpa_follows_precision_rule(backend, precision, peaky):
-    """CUDA's fused kernels against the explicit path: forward (the fast model's inference path) and,
-    in half precision, backward (its training path there). Flash attention has no float32 kernel; the
-    memory-efficient kernel's float32 backward is not used for training (crate.models.layers.MSSA): it erred
-    6.0× (soft) and 17× (peaky) the plain error (H100, torch 2.11), so it is only printed."""
-    if backend == "flash" and precision == "float32":
-        pytest.skip("flash attention runs in float16 and bfloat16 only")
-    forward, backward = rule_errors(sdpa(backend), precision, peaky, "cuda")
+def test_cuda_sdpa_follows_precision_rule(backend, precision, peaky, size):
+    """Each of CUDA's SDPA backends pinned (sdpa_kernel) against the explicit path at N = 197 and the
+    head shapes of CRATE-T, -S and -B: forward (the fast model's inference path) and, in half
+    precision, backward (its training path there; crate/train's --sdpa-backend pins one for a run).
+    cuDNN and flash attention have no float32 kernel; the memory-efficient kernel's float32 backward
+    is not used for training (crate.models.layers.MSSA): it erred 6.0× (soft) and 17× (peaky) the
+    plain error (H100, torch 2.11), so float32 backwards are only printed."""
+    if backend in HALF_ONLY and precision == "float32":
+        pytest.skip(f"{backend} attention runs in float16 and bfloat16 only")
+    forward, backward = sdpa_rule_errors(backend, precision, peaky, SIZES[size])
     weights = "peaky" if peaky else "soft"
-    print(f"SDPA {backend} {precision} {weights} forward: {forward}; backward: {backward}")
+    print(f"SDPA {backend} {size} {precision} {weights} forward: {forward}; backward: {backward}")
     assert forward.holds, f"forward: {forward}"
     if precision != "float32":
         assert backward.holds, f"backward: {backward}"
