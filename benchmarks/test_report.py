@@ -58,3 +58,80 @@ def test_utilisation_is_against_the_runs_best_matmul_peak():
     table = report.throughput_table([dict(extra_info=early), dict(extra_info=late)])
     assert "| tiny | train | CRATE | fast | 0.0M | 2.0 (1.0–3.0) | 1.00 | 25.0% | 10 |" in table
     assert "| small | train | CRATE | fast | 0.0M | 2.0 (1.0–3.0) | 1.00 | 50.0% | 10 |" in table
+
+
+def _train_run(size: str, crate: float, vit: float, memory: float, compiled: float | None = None) -> dict:
+    """A training run's extra_info: eager CRATE and ViT at these images/s (utilisation 0.2), and
+    optionally compiled rows at ``compiled`` × the eager images/s (utilisation likewise)."""
+
+    def row(family, kind, images, utilisation=0.2):
+        return dict(
+            MODEL,
+            family=family,
+            kind=kind,
+            parameters=1,
+            images_per_s=dict(min=images, median=images, max=images),
+            utilisation=utilisation,
+            peak_memory_mib=memory,
+        )
+
+    models = [row("crate", "fast", crate), row("vit", "fast", vit)]
+    ratios = [dict(SPREAD, family="crate", fast_over=o) for o in ("naive", "vit")]
+    if compiled:
+        models += [row("crate", "compiled", crate * compiled, 0.2 * compiled), row("vit", "compiled", vit)]
+        models[-2]["first_step_s"] = 21.0
+        ratios += [dict(SPREAD, family="crate", kind="compiled", fast_over=o) for o in ("eager", "vit")]
+        ratios.append(dict(SPREAD, family="vit", kind="compiled", fast_over="eager"))
+    models.append(row("crate", "naive", crate / 2))
+    return dict(
+        size=size,
+        mode="train",
+        batch=256,
+        device="GPU",
+        matmul_peak_gflops=100.0,
+        models=models,
+        ratios=ratios,
+    )
+
+
+def test_goals_are_met_or_missed_from_the_measured_rows():
+    """Each goal from the run's own rows, the best of eager and compiled: CRATE-S 1.6× ViT-S (met),
+    CRATE-T 1.2× (missed), CRATE-B at 20% × 1.6 = 32% (met), memory over S's limit (missed)."""
+    runs = [
+        _train_run("tiny", 1200.0, 1000.0, 4000.0),
+        _train_run("small", 1000.0, 1000.0, 7000.0, compiled=1.6),
+        _train_run("base", 500.0, 400.0, 7000.0, compiled=1.6),
+    ]
+    table = report.goals_table([dict(extra_info=info) for info in runs])
+    assert "| CRATE-S / ViT-S/16 training images/s ≥ 1.5 | 1.60 (compiled 1600 / eager 1000) | met |" in table
+    assert "| CRATE-T / ViT-T/16 training images/s ≥ 1.3 | 1.20 (eager 1200 / eager 1000) | MISSED |" in table
+    assert "| CRATE-B/16 training at ≥ 30% of the matmul peak | 32.0% (compiled) | met |" in table
+    assert (
+        "| CRATE-S training step memory ≤ 6011 MiB (2026-11-27's) | 7000 MiB (compiled) | MISSED |" in table
+    )
+    assert "| CRATE-T training step memory ≤ 4090 MiB (2026-11-27's) | 4000 MiB (eager) | met |" in table
+    assert "CRATE-α" not in table  # no CRATE-α row measured: no verdict
+
+
+def test_compiled_rows_get_their_own_ratio_table():
+    """Compiled over eager, over the compiled ViT, and the compile's seconds, per family."""
+    table = report.throughput_table([dict(extra_info=_train_run("small", 1000.0, 900.0, 10.0, compiled=1.5))])
+    assert "| small | train | CRATE | compiled | 0.0M | 1500.0 (1500.0–1500.0) |" in table
+    assert "| small | train | ViT | timm compiled |" in table
+    assert "| small | train | CRATE | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 21 |" in table
+    assert "| small | train | ViT | 2.00 (1.00–3.00) | n/a | n/a |" in table
+
+
+def test_choices_mark_the_fastest_admissible_candidate():
+    entry = dict(milliseconds=SPREAD, time_over_first=SPREAD, first_call_s=1.0)
+    info = dict(
+        choice="SDPA backend",
+        shapes="CRATE-T",
+        candidates={"flash": dict(entry, holds=True), "auto": dict(entry, holds=None)},
+        chosen="flash",
+    )
+    table = report.choices_table([dict(extra_info=info)])
+    assert (
+        "| SDPA backend | CRATE-T | flash | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 1.0 | holds | ← |" in table
+    )
+    assert "| SDPA backend | CRATE-T | auto | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 1.0 | n/a |  |" in table
