@@ -109,3 +109,32 @@ def test_the_stored_runs_of_this_repository_are_readable_and_drawn(tmp_path):
     assert all(run.ratios for run in runs)
     png = history.plot(runs, runs[-1].kind, tmp_path / "history.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compiled_ratios_and_throughputs_are_their_own_series(tmp_path):
+    """A run with compiled rows: compiled/eager and compiled/ViT compiled apart from fast/ViT, and the
+    compiled models' images/s (ViT's too) apart from the eager ones'."""
+    spread = dict(median=1.5, min=1.4, max=1.6)
+    images = dict(median=10.0, min=9.0, max=11.0)
+    models = [
+        dict(family=family, kind=kind, images_per_s=images)
+        for family in ("crate", "vit")
+        for kind in ("fast", "compiled")
+    ]
+    ratios = [dict(spread, family="crate", fast_over="vit")] + [
+        dict(spread, family="crate", kind="compiled", fast_over=other) for other in ("eager", "vit")
+    ]
+    info = dict(size="tiny", mode="train", batch=256, device="GPU", models=models, ratios=ratios)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(dict(benchmarks=[dict(extra_info=info)], commit_info=dict(id="c" * 40))))
+    run = history.read_run(path)
+    assert set(run.ratios) == {
+        "tiny train CRATE fast/ViT",
+        "tiny train CRATE compiled/eager",
+        "tiny train CRATE compiled/ViT compiled",
+    }
+    assert set(run.images_per_s) == {
+        "tiny train CRATE",
+        "tiny train CRATE compiled",
+        "tiny train ViT compiled",
+    }
