@@ -145,11 +145,12 @@ def _run(model, output):
     from types import SimpleNamespace
 
     distributed = SimpleNamespace(device=torch.device("cpu"), rank=0, is_main=True)
-    config = SimpleNamespace(skip_verify=False, amp=False, compile=False)
+    config = SimpleNamespace(skip_verify=False, amp=False, compile=False, compile_mode="default")
     return SimpleNamespace(
         config=config,
         distributed=distributed,
         model=model,
+        compiled=False,
         step=0,
         telemetry_images=None,
         output=output,
