@@ -2,7 +2,10 @@
 or tiny sizes and one round with --bench-smoke (what `make test` runs, so the benchmarks cannot rot)."""
 
 import argparse
+import datetime
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +16,33 @@ from crate.runtime import keep_freed_memory
 def pytest_addoption(parser):
     parser.addoption("--bench-smoke", action="store_true", help="tiny sizes, one round: check that it runs")
     parser.addoption("--bench-rounds", type=int, default=7, help="timed rounds per benchmark")
-    parser.addoption("--choices-json", help="test_compile_choices.py: write each finished result here")
+    parser.addoption(
+        "--results-json",
+        help="also write each finished benchmark's extra_info here at once (pytest-benchmark's layout): "
+        "what a time limit that stops the session leaves",
+    )
     parser.addoption(
         "--bench-compile",
         action=argparse.BooleanOptionalAction,
         help="compiled training rows in the interleaved runs (default: on CUDA in full runs only; "
         "compiling a step takes ~25 s on 2 CPU cores)",
     )
+
+
+_FINISHED: list[dict] = []  # this session's finished benchmarks, for --results-json
+
+
+@pytest.fixture(autouse=True)
+def _write_each_result(request):
+    """After each benchmark test, the session's finished results so far to --results-json."""
+    yield
+    path = request.config.getoption("--results-json")
+    benchmark = request.node.funcargs.get("benchmark") if hasattr(request.node, "funcargs") else None
+    if not path or benchmark is None or not benchmark.extra_info:
+        return
+    _FINISHED.append(dict(name=request.node.name, extra_info=dict(benchmark.extra_info)))
+    when = datetime.datetime.now(datetime.UTC).isoformat()
+    Path(path).write_text(json.dumps(dict(datetime=when, benchmarks=_FINISHED), indent=1) + "\n")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@
 #      SDPA backend at CRATE-T/S/B head shapes under the precision rule; the precision tables 85 s
 # Everything goes to benchmarks/results/ named with the device and the date: <stem>.json, and .md (the
 # report of 1 and 2: tables, choices, goals met or missed), <stem>-choices.json, <stem>-profile.md,
-# <stem>-verification.txt; and the run of 1 to the tracked history (benchmarks/history/); commit them.
+# <stem>-verification.txt (and <stem>-partial.json: what finished of 1 if its limit stopped it,
+# reported instead of <stem>.json); and the run of 1 to the tracked history (benchmarks/history/); commit them.
 #
 #   benchmarks/run_gpu.sh                  # .venv/bin/python where `make setup` made it, else python3
 #   PY=python3 benchmarks/run_gpu.sh       # any Python with torch, timm, pytest, pytest-benchmark and
@@ -56,11 +57,18 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit; a failure or a
 }
 
 part benchmarks 245 $PY -m pytest -q benchmarks --ignore=benchmarks/test_compile_choices.py --bench-rounds 10 \
-    --durations=12 --benchmark-json="${stem}.json" --benchmark-autosave --benchmark-storage=file://benchmarks/history
+    --durations=12 --benchmark-json="${stem}.json" --benchmark-autosave --benchmark-storage=file://benchmarks/history \
+    --results-json="${stem}-partial.json"
 part choices 80 $PY -m pytest -q -s benchmarks/test_compile_choices.py --bench-rounds 5 \
-    --choices-json="${stem}-choices.json" --benchmark-disable
+    --results-json="${stem}-choices.json"
 reports=()
-for file in "${stem}.json" "${stem}-choices.json"; do [ -s "$file" ] && reports+=("$file"); done
+if [ -s "${stem}.json" ]; then
+    reports+=("${stem}.json")
+    rm -f "${stem}-partial.json"  # the same results, written as they finished
+elif [ -s "${stem}-partial.json" ]; then
+    reports+=("${stem}-partial.json")  # the part stopped: what finished (not in the history)
+fi
+[ -s "${stem}-choices.json" ] && reports+=("${stem}-choices.json")
 if [ "${#reports[@]}" -gt 0 ]; then
     $PY -m benchmarks.report "${reports[@]}" | tee "${stem}.md"
 fi

@@ -5,17 +5,14 @@ optimizer" recipe has it), and the SDPA backend of MSSA's attention at N = 197 (
 keeps the precision rule forward and backward: only those that do may be chosen).
 
 `python -m benchmarks.report RUN.json RUN-choices.json` prints them with the fastest admissible
-candidate marked; --choices-json RUN-choices.json writes each test's result as it finishes (the
-tests run cheapest first). CUDA only: compiling a step takes tens of seconds, and the CPU's choices are made
-(eager, symmetric_attention). Nothing here fails on speed.
+candidate marked; --results-json (benchmarks/conftest.py) writes each test's result as it finishes
+(the tests run cheapest first). CUDA only: compiling a step takes tens of seconds, and the CPU's
+choices are made (eager, symmetric_attention). Nothing here fails on speed.
 """
 
-import datetime
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import timm
@@ -26,23 +23,6 @@ from benchmarks.test_throughput import step_function
 from verification.test_symmetric_attention import SDPA_BACKENDS, SIZES, explicit, sdpa, sdpa_rule_errors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the choices are the GPU's")
-
-
-@pytest.fixture(scope="session")
-def record_choice(request):
-    """extra_info of a choice benchmark, also written at once to --choices-json (pytest-benchmark's
-    layout, one entry per finished test), so that a time limit that stops the session keeps them."""
-    path, finished = request.config.getoption("--choices-json"), []
-
-    def record(benchmark, **info):
-        info = dict(info, device=torch.cuda.get_device_name())
-        benchmark.extra_info.update(info)
-        finished.append(dict(name=benchmark.name, extra_info=info))
-        if path:
-            when = datetime.datetime.now(datetime.UTC).isoformat()
-            Path(path).write_text(json.dumps(dict(datetime=when, benchmarks=finished), indent=1) + "\n")
-
-    return record
 
 
 def interleaved(benchmark, bench, candidates: dict[str, Callable[[], None]], rounds: int) -> dict:
@@ -98,7 +78,7 @@ def _attention_call(attention: Callable, w: torch.Tensor, scale: float) -> Calla
 
 @CUDA
 @pytest.mark.parametrize("size", list(SIZES))
-def test_sdpa_backends(benchmark, bench, record_choice, size):
+def test_sdpa_backends(benchmark, bench, size):
     """MSSA's attention softmax(s·WWᵀ)·W forward and backward at batch 256, N = 197, CRATE-T/S/B's
     heads, bf16: each SDPA backend pinned, PyTorch's own choice ("auto") and the explicit path; with
     whether each keeps the precision rule in bf16, soft and peaky, forward and backward
@@ -126,8 +106,8 @@ def test_sdpa_backends(benchmark, bench, record_choice, size):
     measured = interleaved(benchmark, bench, candidates, bench.rounds * 3)
     for name, entry in measured.items():
         entry["holds"] = holds.get(name) if isinstance(holds.get(name), bool) else None
-    record_choice(
-        benchmark,
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
         choice="SDPA backend (--sdpa-backend)",
         shapes=f"CRATE-{size[0].upper()}: {batch}×{heads}×{tokens}×{head_dim}, bf16, forward+backward",
         candidates=measured,
@@ -152,14 +132,14 @@ def _adamw_steps(model: torch.nn.Module) -> dict[str, Callable[[], None]]:
 
 @CUDA
 @pytest.mark.parametrize("name", ["crate_base_patch16_224"])
-def test_optimizer_step(benchmark, bench, record_choice, name):
+def test_optimizer_step(benchmark, bench, name):
     """The optimizer step alone over a B-size model's parameters (the trainer's: fused)."""
     if bench.smoke:
         pytest.skip("full runs only: compiling the optimizer takes tens of seconds")
     model = timm.create_model(name).to(bench.device)
     measured = interleaved(benchmark, bench, _adamw_steps(model), bench.rounds * 3)
-    record_choice(
-        benchmark,
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
         choice="optimizer step (AdamW)",
         shapes=f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
         candidates=measured,
@@ -182,7 +162,7 @@ MODE_CASES = [
 
 @CUDA
 @pytest.mark.parametrize(("size", "mode"), MODE_CASES)
-def test_compile_modes(benchmark, bench, record_choice, size, mode):
+def test_compile_modes(benchmark, bench, size, mode):
     """A CRATE training step (batch 256, bf16 autocast, fused AdamW) compiled in one torch.compile
     mode against the eager step, interleaved: default, reduce-overhead (CUDA graphs),
     max-autotune-no-cudagraphs."""
@@ -197,8 +177,8 @@ def test_compile_modes(benchmark, bench, record_choice, size, mode):
         mode: step_function(model, "train", bench, mode),
     }
     measured = interleaved(benchmark, bench, candidates, bench.rounds)
-    record_choice(
-        benchmark,
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
         choice="torch.compile mode",
         shapes=f"CRATE-{size[0].upper()} train step, batch {bench.batch}",
         candidates=measured,
