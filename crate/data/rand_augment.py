@@ -95,7 +95,9 @@ def _affine(image: torch.Tensor, matrices: torch.Tensor, fill: tuple[float, ...]
     n, _, height, width = image.shape
     # pixel coordinates -> align_corners=False's normalised ones: u = 2 x / W - 1
     to_normal = image.new_tensor([[2.0 / width, 0, -1], [0, 2.0 / height, -1], [0, 0, 1]])
-    from_normal = torch.linalg.inv(to_normal)
+    from_normal = image.new_tensor(
+        [[width / 2.0, 0, width / 2.0], [0, height / 2.0, height / 2.0], [0, 0, 1]]
+    )
     full = torch.cat([matrices, image.new_tensor([0, 0, 1]).expand(n, 1, 3)], dim=1)
     theta = (to_normal @ full @ from_normal)[:, :2]
     grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
