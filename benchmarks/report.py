@@ -178,6 +178,20 @@ def pipeline_table(benchmarks: list[dict]) -> str:
             "|---|---|---|---|---|",
             *lines,
         ]
+    crops = [bench["extra_info"] for bench in benchmarks if "crop_form" in bench["extra_info"]]
+    if crops:
+        table += [
+            "",
+            f"| crop + resize to 224² ({crops[0]['device']}) | images/s | mean levels to PIL "
+            "| share > 1 level | max |",
+            "|---|---|---|---|---|",
+        ]
+        for info in crops:
+            levels = info["levels_to_pil"]
+            table.append(
+                f"| {info['crop_form']} | {_range(info['crop_images_per_s'], 0)} | {levels['mean']:.2f} | "
+                f"{levels['above_1']:.1%} | {levels['max']:.0f} |"
+            )
     for bench in benchmarks:
         info = bench["extra_info"]
         if "gpu_images_per_s" in info:

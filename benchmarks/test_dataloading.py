@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from benchmarks.imagenet_folder import make_folder
 from crate import data, train
@@ -260,4 +263,87 @@ def test_end_to_end_training_on_a_jpeg_folder(benchmark, bench, imagenet_folder,
         synthetic_images_per_s=_spread(rates["synthetic"]),
         folder_over_synthetic=_spread(ratios),
         goal_met=statistics.median(ratios) >= 0.9,
+    )
+
+
+def _crop_forms():
+    """name -> (batch of (3, H, W) uint8 images, crop boxes (top, left, h, w)) -> (B, 3, 224, 224)."""
+
+    def per_image(images, boxes):
+        crops = [
+            F.interpolate(
+                image[None, :, i : i + h, j : j + w].float(), (224, 224), mode="bilinear", antialias=True
+            )
+            for image, (i, j, h, w) in zip(images, boxes, strict=True)
+        ]
+        return torch.cat(crops).round().clamp(0, 255)
+
+    def batched_roi_align(images, boxes):
+        height, width = max(image.shape[1] for image in images), max(image.shape[2] for image in images)
+        padded = images[0].new_zeros(len(images), 3, height, width, dtype=torch.float32)
+        for index, image in enumerate(images):
+            padded[index, :, : image.shape[1], : image.shape[2]] = image
+        rois = torch.tensor([[k, j, i, j + w, i + h] for k, (i, j, h, w) in enumerate(boxes)]).float()
+        out = roi_align(padded, rois.to(padded.device), (224, 224), 1.0, sampling_ratio=-1, aligned=True)
+        return out.round().clamp(0, 255)
+
+    return {"per image, F.interpolate(antialias=True)": per_image, "batched, roi_align": batched_roi_align}
+
+
+@pytest.mark.parametrize("form", list(_crop_forms()))
+def test_crop_resize_forms(benchmark, bench, imagenet_folder, form):
+    """The gpu pipeline's crop + resize, per image (what it does) or batched by roi_align on a padded
+    batch: images/s on the bench device (one thread on the CPU) and the difference to PIL's resized
+    crop (the cpu pipeline's), in levels."""
+    paths = sorted(imagenet_folder.rglob("*.jpg"))[: 4 if bench.smoke else 64]
+    pil_images = [Image.open(path).convert("RGB") for path in paths]
+    generator = np.random.default_rng(0)
+    boxes = []
+    for image in pil_images:
+        width, height = image.size
+        crop_w = int(width * np.sqrt(generator.uniform(0.08, 1)))
+        crop_h = min(height, crop_w * height // width)
+        boxes.append(
+            (
+                int(generator.integers(0, height - crop_h + 1)),
+                int(generator.integers(0, width - crop_w + 1)),
+                crop_h,
+                crop_w,
+            )
+        )
+    bilinear = InterpolationMode.BILINEAR
+    expected = [
+        np.asarray(TF.resized_crop(image, *box, [224, 224], bilinear))
+        for image, box in zip(pil_images, boxes, strict=True)
+    ]
+    expected = torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2).float()
+    images = [
+        torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(bench.device) for image in pil_images
+    ]
+    crop = _crop_forms()[form]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates = []
+
+    def one_round():
+        start = time.perf_counter()
+        crop(images, boxes)
+        if bench.device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(len(images) / (time.perf_counter() - start))
+
+    try:
+        benchmark.pedantic(one_round, rounds=bench.rounds, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    difference = (crop(images, boxes).cpu() - expected).abs()
+    benchmark.extra_info.update(
+        crop_form=form,
+        device=str(bench.device),
+        crop_images_per_s=_spread(rates),
+        levels_to_pil=dict(
+            mean=difference.mean().item(),
+            above_1=(difference > 1).float().mean().item(),
+            max=difference.max().item(),
+        ),
     )

@@ -25,10 +25,11 @@ from crate.train.setup import check_data_pipeline
 
 CPU = torch.device("cpu")
 DEVICES = [
-    CPU,
+    pytest.param(CPU, id="cpu"),
     pytest.param(
         torch.device("cuda"),
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA"),
+        id="cuda",
     ),
 ]
 DATA_CONFIG = dict(
