@@ -3,7 +3,9 @@ each RandAugment operation against timm's PIL one; the whole pipeline against th
 same images, paired (the same seeds draw the same augmentation) and in distribution (other seeds);
 unreadable, non-JPEG, grayscale and CMYK files; determinism; refused options; a training run."""
 
+import dataclasses
 import io
+import json
 import logging
 import random
 from pathlib import Path
@@ -333,3 +335,15 @@ def test_a_deit_run_trains_with_the_gpu_pipeline(tmp_path):
     result = train(resolve_config(options))
     assert result["step"] == 2 and np.isfinite(result["eval_loss"])
     assert '"data_pipeline": "gpu"' in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_a_run_continues_with_the_pipeline_it_started_with(tmp_path):
+    """--data-pipeline is not a session option: the two pipelines draw the same augmentation but their
+    pixels differ by the resize's rounding, so --resume refuses a switch (naming both values)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(dataset="folder", data=str(tmp_path), output=str(run))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    with pytest.raises(ConfigError, match=r"--data-pipeline gpu \(the run's: cpu\)"):
+        resolve_config(["--output", str(run), "--resume", "--data-pipeline", "gpu"])
+    assert resolve_config(["--output", str(run), "--resume"]).data_pipeline == "cpu"
