@@ -161,7 +161,8 @@ def test_same_seeds_give_the_cpu_pipelines_images(tmp_path, options):
         assert targets.tolist() == [label for label in range(3) for _ in range(4)]
         differences.append(levels(images - expected).abs())
         channel_means = (images.mean((0, 2, 3)) - expected.mean((0, 2, 3))).abs()
-        assert channel_means.max() < 0.02  # normalised units: one level is 1/(255 × 0.225) = 0.017
+        # normalised units (one level: 1/(255 × 0.225) = 0.017); measured 0.0003 (paper), 0.0046 (deit)
+        assert channel_means.max() < 0.017
     difference = torch.cat(differences)
     if options:
         assert (difference > 1.001).float().mean() < 0.05
