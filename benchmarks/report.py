@@ -285,6 +285,61 @@ def choices_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def pipeline_table(benchmarks: list[dict]) -> str:
+    """--data-pipeline cpu against gpu on an ImageNet-shaped JPEG folder: images/s per CPU core of each
+    stage, the gpu pipeline's GPU share, and the end-to-end training row against synthetic input."""
+    lines = []
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        recipe = info.get("pipeline_recipe")
+        if "per_core" in info:
+            rates = info["per_core"]
+            worker, device = _median(rates["gpu_worker"]), _median(rates["gpu_on_cpu"])
+            lines.append(
+                f"| {recipe} | {_range(rates['cpu_worker'], 0)} | {_range(rates['gpu_worker'], 0)} | "
+                f"{_range(rates['gpu_on_cpu'], 0)} | {1 / (1 / worker + 1 / device):.0f} |"
+            )
+    table = []
+    if lines:
+        table += [
+            "| recipe (images/s per CPU core, median (min–max)) | cpu pipeline: worker decodes + augments "
+            "| gpu pipeline: worker (bytes, header, draw) | gpu pipeline: decode + augment on device=cpu "
+            "| gpu pipeline on the CPU, both |",
+            "|---|---|---|---|---|",
+            *lines,
+        ]
+    crops = [bench["extra_info"] for bench in benchmarks if "crop_form" in bench["extra_info"]]
+    if crops:
+        table += [
+            "",
+            f"| crop + resize to 224² ({crops[0]['device']}) | images/s | mean levels to PIL "
+            "| share > 1 level | max |",
+            "|---|---|---|---|---|",
+        ]
+        for info in crops:
+            levels = info["levels_to_pil"]
+            table.append(
+                f"| {info['crop_form']} | {_range(info['crop_images_per_s'], 0)} | {levels['mean']:.2f} | "
+                f"{levels['above_1']:.1%} | {levels['max']:.0f} |"
+            )
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if "gpu_images_per_s" in info:
+            table.append(
+                f"\ngpu pipeline, {info['pipeline_recipe']}, {info['device']}: decode + augment of a batch "
+                f"of {info['batch']}: {_range(info['gpu_images_per_s'], 0)} images/s"
+            )
+        if "folder_over_synthetic" in info:
+            table.append(
+                f"\nend to end, {info['end_to_end_model']}, {info['pipeline_recipe']}, {info['device']}, "
+                f"batch {info['batch']}, {info['loader_workers']} loader workers: folder "
+                f"{_range(info['folder_images_per_s'], 0)} images/s, synthetic "
+                f"{_range(info['synthetic_images_per_s'], 0)}: {_range(info['folder_over_synthetic'])} "
+                f"of synthetic (goal >= 0.90: {'met' if info['goal_met'] else 'missed'})"
+            )
+    return "\n".join(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+", help="one run's JSON files (their tables together)")
@@ -306,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     print(forms_table(benchmarks))
     print()
     print(options_table(benchmarks))
-    for table in (loading_table(benchmarks), choices_table(benchmarks), goals_table(benchmarks)):
+    tables = (loading_table, pipeline_table, choices_table, goals_table)
+    for table in (make(benchmarks) for make in tables):
         if table:
             print()
             print(table)

@@ -1,5 +1,7 @@
 """Data: the built-in datasets (builtin.py), any dataset by name (datasets.py), what a model reads
-(transforms.py), and which samples a process reads in which order (samplers.py)."""
+(transforms.py), which samples a process reads in which order (samplers.py), and --data-pipeline gpu:
+workers that read encoded images (encoded.py), decoded and augmented on the device (gpu_pipeline.py,
+rand_augment.py)."""
 
 from .builtin import (
     FASHION_MNIST_CLASSES,
@@ -18,12 +20,17 @@ from .datasets import (
     open_dataset,
     open_split,
 )
+from .encoded import EncodedBatch, EncodedImages, collate_encoded, encoded_images
+from .gpu_pipeline import DevicePipeline, UnsupportedAugmentationError
 from .samplers import ResumableSampler, SeededSamples, ShardSampler, first, sample
 from .transforms import eval_transform, prepare, train_transform
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "DevicePipeline",
     "Digits",
+    "EncodedBatch",
+    "EncodedImages",
     "FashionMNIST",
     "ImageFilesSkippingCorrupt",
     "ImageFolderSkippingCorrupt",
@@ -31,8 +38,11 @@ __all__ = [
     "ResumableSampler",
     "SeededSamples",
     "ShardSampler",
+    "UnsupportedAugmentationError",
     "class_count",
+    "collate_encoded",
     "collate_skipping_none",
+    "encoded_images",
     "eval_transform",
     "fashion_mnist_root",
     "first",

@@ -38,11 +38,15 @@ class ImageFilesSkippingCorrupt(Dataset):
             with Image.open(path) as file:
                 image = file.convert("RGB")  # decodes the pixels: a truncated file fails here
         except Exception as error:  # PIL raises several types for corrupt files
-            if not self.unreadable[index]:
-                self.unreadable[index] = True
-                log.warning("skipping unreadable image %s: %s", path, error)
+            self.skip(index, error)
             return None
         return (self.transform(image) if self.transform else image), target
+
+    def skip(self, index: int, error: Exception) -> None:
+        """Mark image ``index`` unreadable, logging its path the first time."""
+        if not self.unreadable[index]:
+            self.unreadable[index] = True
+            log.warning("skipping unreadable image %s: %s", self.samples[index][0], error)
 
 
 class ImageFolderSkippingCorrupt(ImageFilesSkippingCorrupt):

@@ -104,6 +104,12 @@ class TrainConfig:
     skip_verify: bool = False  # train without the gate (crate/verify; exit 70 when it fails), recorded
     grad_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory
     workers: int = 0  # data-loading processes per rank (0: in the training process)
+    # where training images are decoded and augmented: "cpu" (the loader workers, PIL and timm) or "gpu"
+    # (workers read the files' bytes; the batch is decoded with nvjpeg and augmented on the run's device
+    # with the same random draws; image folders only; a transform step it does not reproduce is
+    # refused; evaluation stays on the cpu pipeline). Not a session option: the pixels differ
+    # within interpolation rounding, so a run continues with the pipeline it started with
+    data_pipeline: str = "cpu"
     seed: int = 0  # of the initialisation, the data order and every augmentation
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at each epoch end)
     keep_checkpoints: int = 2  # the newest ones kept
@@ -171,6 +177,13 @@ class TrainConfig:
         if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
             raise ConfigError(
                 f"--sdpa-backend must be auto or one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}"
+            )
+        if self.data_pipeline not in ("cpu", "gpu"):
+            raise ConfigError(f"--data-pipeline must be cpu or gpu, got {self.data_pipeline!r}")
+        if self.data_pipeline == "gpu" and self.dataset not in ("imagenet", "folder"):
+            raise ConfigError(
+                "--data-pipeline gpu reads image files (--dataset imagenet or folder), "
+                f"not {self.dataset!r}: use --data-pipeline cpu"
             )
         if self.eval_crop_mode not in ("center", "squash", "border"):
             raise ConfigError(

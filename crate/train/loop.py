@@ -136,8 +136,10 @@ def optimizer_step(run: Run, micro_batches: list, stop_requested: bool) -> tuple
         if batch is None:  # every image of the micro-batch was unreadable
             run.skipped_images += run.micro_batch
             continue
-        run.skipped_images += run.micro_batch - len(batch[1])
-        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        images, targets = run.inputs(batch)
+        run.skipped_images += run.micro_batch - len(targets)
+        if not len(targets):  # every JPEG of the micro-batch failed to decode on the device
+            continue
         if run.mixup:
             images, targets = run.mixup(images, targets)
         last = index == len(micro_batches) - 1

@@ -55,6 +55,7 @@ class Run:
     loader: DataLoader
     test_loader: DataLoader
     micro_batch: int  # images per rank per forward pass
+    inputs: Callable  # a batch -> (images, targets) on the device (--data-pipeline gpu: decoded there)
     steps_per_epoch: int
     total_steps: int  # the run's planned steps: its epochs, or --max-steps when fewer
     session_end: int  # the step this session stops at: total_steps, or --stop-after when sooner
@@ -149,6 +150,7 @@ def set_up(config: TrainConfig) -> Run:
         loader=loader,
         test_loader=test_loader,
         micro_batch=micro_batch,
+        inputs=batch_inputs(train_set, device),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         session_end=min(total_steps, config.stop_after or total_steps),
@@ -161,9 +163,11 @@ def set_up(config: TrainConfig) -> Run:
 
 
 def check_before_training(config: TrainConfig) -> None:
-    """What would fail later, checked before any work (the options checked themselves): the data, and
-    an output folder holding another run's configuration."""
+    """What would fail later, checked before any work (the options checked themselves): the data, the
+    augmentation --data-pipeline gpu must reproduce, and an output folder holding another run's
+    configuration."""
     check_data(config)
+    check_data_pipeline(config)
     saved = Path(config.output) / "config.json"
     if saved.exists() and not is_resuming(config):
         differing = _differing_fields(json.loads(saved.read_text()), dataclasses.asdict(config))
@@ -195,6 +199,16 @@ def check_data(config: TrainConfig) -> None:
                     f"--data: ImageNet not found: {folder} is not a folder. Pass --data with a folder "
                     "holding train/ and val/ in torchvision's ImageFolder layout (one sub-folder per class)"
                 )
+
+
+def check_data_pipeline(config: TrainConfig) -> None:
+    """--data-pipeline gpu reproduces the run's training transform (UnsupportedAugmentationError names the
+    step it does not), checked on the model's data config (its model built on the meta device)."""
+    if config.data_pipeline != "gpu":
+        return
+    with torch.device("meta"):
+        model = timm.create_model(split_model_name_tag(config.model)[0])
+    data.DevicePipeline(transforms(config, timm.data.resolve_data_config({}, model=model))[0])
 
 
 def is_resuming(config: TrainConfig) -> bool:
@@ -254,7 +268,8 @@ def ready_datasets(
     std; image datasets with the model's training transform (timm's: random-resized crop, flip, the
     --auto-augment policy, random erasing), each sample's augmentation seeded, and its evaluation
     transform (resize and centre crop by the model's crop_pct, or --eval-crop-*); cut to
-    --train-subset and --eval-subset."""
+    --train-subset and --eval-subset. With --data-pipeline gpu the training split yields encoded
+    images and their drawn augmentation (crate/data/encoded.py), applied on the device."""
     data_config = timm.data.resolve_data_config({}, model=model)
     channels = data_config["input_size"][0]
     if isinstance(train, data.InMemoryImages):
@@ -265,7 +280,16 @@ def ready_datasets(
             config.seed,
         )
     training, evaluation = transforms(config, data_config)
-    data.prepare(train, training, data_config["mean"], data_config["std"], channels)
+    if config.data_pipeline == "gpu":
+        if not isinstance(train, data.ImageFilesSkippingCorrupt) or channels != 3:
+            raise ConfigError(
+                f"--data-pipeline gpu reads RGB image files for a 3-channel model; {config.dataset} gave "
+                f"{type(train).__name__} and {config.model} reads {channels} channels: "
+                "use --data-pipeline cpu"
+            )
+        train = data.EncodedImages(train, data.DevicePipeline(training))
+    else:
+        data.prepare(train, training, data_config["mean"], data_config["std"], channels)
     data.prepare(test, evaluation, data_config["mean"], data_config["std"], channels)
     if not isinstance(train, (data.InMemoryImages, torch.utils.data.IterableDataset)):
         train = data.SeededSamples(train, config.seed)  # augmentation exact after a resume
@@ -283,6 +307,15 @@ def transforms(config: TrainConfig, data_config: dict) -> tuple:
         data_config | scale, config.auto_augment, config.color_jitter, config.reprob, config.hflip
     )
     return training, data.eval_transform(data_config, config.eval_crop_pct, config.eval_crop_mode)
+
+
+def batch_inputs(train_set: Dataset, device: torch.device) -> Callable:
+    """A training batch -> (images, targets) on ``device``: moved there, or decoded and augmented
+    there when the training set yields encoded images (--data-pipeline gpu)."""
+    encoded = data.encoded_images(train_set)
+    if encoded is not None:
+        return lambda batch: encoded.inputs(batch, device)
+    return lambda batch: (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
 
 
 def build_model(
@@ -333,7 +366,7 @@ def make_loaders(
         micro_batch,
         sampler=sampler,
         num_workers=config.workers,
-        collate_fn=data.collate_skipping_none,
+        collate_fn=data.collate_encoded if data.encoded_images(train_set) else data.collate_skipping_none,
         drop_last=True,
         persistent_workers=False,
         generator=torch.Generator(),
