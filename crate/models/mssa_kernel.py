@@ -1,0 +1,210 @@
+"""MSSA's attention softmax_row(s·WWᵀ)·W (query = key = value = W) as fused Triton kernels.
+
+The same function and the same backward as crate/models/attention.py's symmetric_attention, in two
+kernels that never write the N×N matrices: the forward saves each row's maximum m and sum
+l = Σⱼ exp(Sᵢⱼ − m) (2N numbers per head instead of P), and the backward recomputes P = exp(S − m)/l
+from them, as the forward computed it, and computes, in one pass,
+
+    dW = Pᵀ·dO + s·(dS + dSᵀ)·W,   dS = P ∘ (dP − Δ),   dP = dO·Wᵀ,   Δ = rowsum(P ∘ dP).
+
+Δ is taken from the full row of P and dP held in the program (a row of N ≤ MAX_TOKENS keys fits one
+block), not as FlashAttention's rowsum(dO ∘ O): attention.py explains why that correction breaks the
+precision rule with peaky attention in bf16 (verification/mutations/ keeps it as a mutation the rule
+catches). Nor is P recomputed as FlashAttention's exp(S − LSE) from one log-sum-exp: that adds
+LSE's rounding, u·|LSE|, to every exponent, and with peaky attention (|S| in the tens) float32
+gradients broke the rule (6.1× the plain error at CRATE-T's shapes, under the interpreter).
+
+Tiling: the forward runs one program per (image·head, block of BLOCK_M query rows), each holding
+the whole key row (BLOCK_N = the next power of two ≥ N, padded keys masked to −∞). The backward
+runs one program per image·head, looping over the row blocks i: the row part s·dS_i·W of dW is
+final after block i and is written to a scratch buffer; the column part Pᵢᵀ·dOᵢ + s·dSᵢᵀ·Wᵢ is
+summed over i in a (BLOCK_N, p) accumulator and added to the scratch at the end. No atomics, no
+race: each program owns its head. (The upper-triangle tiling of the symmetric S that the issue
+also asks for is not built yet; which tiling serves training is for benchmarks/test_mssa_kernel.py
+on a GPU to decide.)
+
+Rounding, by the precision rule (docs/math.md §8: as accurate as the plain path in W's dtype): every
+tl.dot takes operands in W's dtype and accumulates in float32 (float64 for float64 W), as the plain
+path's matmuls do; P is rounded to W's dtype before P·W, Pᵀ·dO and before Δ and dS are formed
+from it (as symmetric_attention saves it), so that Δ and dS's diagonal cancel on the same values;
+dS is rounded to W's dtype before the two dS products, as the plain path's dS is a tensor of W's
+dtype; the softmax, Δ and dS themselves are computed in float32 (float64). Padded rows and keys are
+loaded as zeros and their P set to zero, so they add nothing.
+
+Triton is optional: this module imports it, crate.models.layers imports this module only when the
+kernel is selected (MSSA's docstring). With TRITON_INTERPRET=1 set before Triton is first imported
+(the root conftest.py does without CUDA) the kernels run on CPU tensors under Triton's interpreter.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TOKENS = 1024  # the longest key row one program holds (S tile BLOCK_M × BLOCK_N in registers)
+MAX_HEAD_DIM = 256
+BLOCK_M = 64  # query rows per forward program and per backward step
+# Triton 3.8's interpreter gets bfloat16 wrong twice: its dot multiplies bf16 blocks as their raw
+# uint16 bits (it converts fp8 only), and its float32 → bf16 cast truncates (its round-to-nearest
+# drops a carry into the exponent). Interpreted, _dot widens bf16 operands to float32 (exact, and
+# what a tensor core computes: exact products, float32 sums) and _to rounds to nearest even by hand,
+# as compiled kernels do. Compiled kernels take the plain branches.
+_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """x (float32, or float64) rounded to dtype, to nearest even."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest even at bf16's 8 bits
+        x = bits.to(tl.float32, bitcast=True)  # now exactly a bf16 value: the cast below is exact
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b):
+    """a·b with float32 (float64) accumulation; float32 operands in IEEE float32, not TF32."""
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        result = tl.dot(a, b, input_precision="ieee")
+    return result
+
+
+@triton.jit
+def _forward_kernel(
+    W, OUT, TOP, TOTAL, scale, N, P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    # W, OUT: (heads, N, P) contiguous, W's dtype; TOP, TOTAL: (heads, N), float32 (float64 for float64 W)
+    head = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_P)
+    w = W + head * N * P
+    row_mask = (rows[:, None] < N) & (dims[None, :] < P)
+    key_mask = (keys[:, None] < N) & (dims[None, :] < P)
+    w_rows = tl.load(w + rows[:, None] * P + dims[None, :], mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_P)
+    w_keys = tl.load(w + keys[:, None] * P + dims[None, :], mask=key_mask, other=0.0)  # (BLOCK_N, BLOCK_P)
+    scores = _dot(w_rows, tl.trans(w_keys)) * scale  # (BLOCK_M, BLOCK_N), float32 / float64
+    scores = tl.where(keys[None, :] < N, scores, float("-inf"))
+    top = tl.max(scores, 1)
+    e = tl.exp(scores - top[:, None])
+    total = tl.sum(e, 1)
+    p = _to(e / total[:, None], W.dtype.element_ty)
+    o = _dot(p, w_keys)  # (BLOCK_M, BLOCK_P)
+    row_offsets = head * N * P + rows[:, None] * P + dims[None, :]
+    tl.store(OUT + row_offsets, _to(o, OUT.dtype.element_ty), mask=row_mask)
+    tl.store(TOP + head * N + rows, top, mask=rows < N)
+    tl.store(TOTAL + head * N + rows, total, mask=rows < N)
+
+
+@triton.jit
+def _backward_kernel(
+    W,
+    DO,
+    TOP,
+    TOTAL,
+    SCRATCH,
+    DW,
+    scale,
+    N,
+    P,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # W, DO, DW: (heads, N, P), W's dtype; TOP, TOTAL: (heads, N), SCRATCH: (heads, N, P), float32 (float64)
+    head = tl.program_id(0).to(tl.int64)
+    keys = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_P)
+    offset = head * N * P
+    key_mask = (keys[:, None] < N) & (dims[None, :] < P)
+    key_offsets = keys[:, None] * P + dims[None, :]
+    w_keys = tl.load(W + offset + key_offsets, mask=key_mask, other=0.0)  # (BLOCK_N, BLOCK_P)
+    columns = tl.zeros((BLOCK_N, BLOCK_P), dtype=TOP.dtype.element_ty)  # Σᵢ Pᵢᵀ·dOᵢ + s·dSᵢᵀ·Wᵢ
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = (rows[:, None] < N) & (dims[None, :] < P)
+        row_offsets = rows[:, None] * P + dims[None, :]
+        w_rows = tl.load(W + offset + row_offsets, mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_P)
+        do = tl.load(DO + offset + row_offsets, mask=row_mask, other=0.0)
+        top = tl.load(TOP + head * N + rows, mask=rows < N, other=0.0)
+        total = tl.load(TOTAL + head * N + rows, mask=rows < N, other=1.0)
+        scores = _dot(w_rows, tl.trans(w_keys)) * scale  # (BLOCK_M, BLOCK_N)
+        valid = (rows[:, None] < N) & (keys[None, :] < N)
+        p = _to(tl.where(valid, tl.exp(scores - top[:, None]) / total[:, None], 0.0), W.dtype.element_ty)
+        dp = _dot(do, tl.trans(w_keys))  # (BLOCK_M, BLOCK_N)
+        p_wide = p.to(dp.dtype)
+        delta = tl.sum(p_wide * dp, 1)  # rowsum(P ∘ dP) over the whole row
+        ds = _to(p_wide * (dp - delta[:, None]), W.dtype.element_ty)
+        tl.store(SCRATCH + offset + row_offsets, _dot(ds, w_keys) * scale, mask=row_mask)
+        columns += _dot(tl.trans(p), do) + _dot(tl.trans(ds), w_rows) * scale
+    tl.debug_barrier()  # the row parts stored above are read back by other threads of the program
+    dw = tl.load(SCRATCH + offset + key_offsets, mask=key_mask, other=0.0) + columns
+    tl.store(DW + offset + key_offsets, _to(dw, DW.dtype.element_ty), mask=key_mask)
+
+
+def _blocks(tokens: int, head_dim: int) -> dict:
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(
+            f"fused_symmetric_attention: {tokens} tokens; the kernel holds a whole key row, 1 to {MAX_TOKENS}"
+        )
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"fused_symmetric_attention: head dimension {head_dim}; expected 1 to {MAX_HEAD_DIM}"
+        )
+    return dict(
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=max(16, triton.next_power_of_2(tokens)),
+        BLOCK_P=max(16, triton.next_power_of_2(head_dim)),
+    )
+
+
+def _check_device(w: torch.Tensor) -> None:
+    if not w.is_cuda and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"fused_symmetric_attention: W is on {w.device}; the Triton kernels run on CUDA tensors, "
+            "or on the CPU under Triton's interpreter (TRITON_INTERPRET=1 set before Triton is imported)"
+        )
+
+
+class FusedSymmetricAttention(torch.autograd.Function):
+    """softmax_row(s·WWᵀ)·W for W (..., N, p) in two Triton kernels; ``fused_symmetric_attention`` is
+    the entry point."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+        device = w.device.type
+        if torch.is_autocast_enabled(device):
+            w = w.to(torch.get_autocast_dtype(device))  # as autocast's matmuls would (symmetric_attention)
+        _check_device(w)
+        *lead, tokens, head_dim = w.shape
+        blocks = _blocks(tokens, head_dim)
+        w = w.contiguous()
+        heads = w.numel() // (tokens * head_dim)
+        wide = torch.promote_types(w.dtype, torch.float32)
+        o = torch.empty_like(w)
+        top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # (..., N) each
+        grid = (heads, triton.cdiv(tokens, BLOCK_M))
+        _forward_kernel[grid](w, o, top, total, scale, tokens, head_dim, **blocks)
+        ctx.save_for_backward(w, top, total)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w, top, total = ctx.saved_tensors
+        *_, tokens, head_dim = w.shape
+        heads = w.numel() // (tokens * head_dim)
+        do = do.to(w.dtype).contiguous()
+        scratch = torch.empty(w.shape, dtype=top.dtype, device=w.device)  # the row parts s·dSᵢ·W
+        dw = torch.empty_like(w)
+        blocks = _blocks(tokens, head_dim)
+        _backward_kernel[(heads,)](w, do, top, total, scratch, dw, ctx.scale, tokens, head_dim, **blocks)
+        return dw, None
+
+
+def fused_symmetric_attention(w: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax_row(scale·WWᵀ)·W, (..., N, p) → (..., N, p), N ≤ MAX_TOKENS, p ≤ MAX_HEAD_DIM, on CUDA
+    (or on the CPU under TRITON_INTERPRET=1); the gradient equals symmetric_attention's."""
+    return FusedSymmetricAttention.apply(w, scale)

@@ -1,0 +1,119 @@
+"""crate/models/mssa_kernel.py's fused Triton kernels for MSSA's attention, against autograd of the
+explicit softmax(s·WWᵀ)·W, as test_symmetric_attention.py checks symmetric_attention.
+
+float64: equal to autograd forward and backward (an identity), and torch.autograd.gradcheck. Low
+precision: the precision rule of docs/math.md §8, forward and backward, soft and peaky attention,
+at CRATE-T's head shapes (or --crate-model's), against the explicit path in the same precision.
+
+Where the kernels run: on CUDA, compiled; without CUDA the root conftest.py sets TRITON_INTERPRET=1
+(before anything imports Triton, which reads it then), and the "cpu" cases run them under Triton's
+interpreter, which executes each program in numpy: a tl.dot of bf16 or fp16 blocks multiplies the
+values of those blocks (exactly representable in float32) with float32 accumulation (np.matmul with
+dtype float32), exp and log in float32. So on the CPU the rule checks the algorithm and where it
+rounds (which operands are rounded to W's dtype, what is accumulated in float32, where Δ comes
+from), not the GPU's tensor cores and their accumulation order, which the "cuda" cases check
+(`-k cuda`, benchmarks/run_gpu.sh). On a CUDA machine the interpreter is off and the cpu cases skip.
+"""
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from verification import options
+from verification.asserts import assert_close, max_abs
+from verification.strategies import log_uniform, seeds
+from verification.test_symmetric_attention import explicit, output_and_gradient, rule_errors
+
+triton = pytest.importorskip("triton")
+mssa_kernel = pytest.importorskip("crate.models.mssa_kernel")
+fused_symmetric_attention = mssa_kernel.fused_symmetric_attention
+
+INTERPRETED = triton.knobs.runtime.interpret
+
+
+def _device(device: str):
+    if device == "cpu":
+        skip = pytest.mark.skipif(not INTERPRETED, reason="CUDA compiles the kernels: no interpreter for cpu")
+        return pytest.param(device, marks=skip)
+    compiled = pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET is set: the kernels are interpreted")
+    return pytest.param(device, marks=[options.needs_cuda(), compiled])
+
+
+DEVICES = [_device(device) for device in options.devices()]
+PRECISIONS_LOW = ["bfloat16", "float16", "bf16-autocast", "float32"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    tokens=st.integers(1, 40),
+    head_dim=st.integers(1, 20),
+    scale=log_uniform(1e-2, 3.0),
+    magnitude=log_uniform(1e-2, 3.0),
+    seed=seeds(),
+)
+@example(batch=1, heads=1, tokens=1, head_dim=1, scale=1.0, magnitude=1.0, seed=0)  # one token: P = 1
+@example(batch=1, heads=1, tokens=9, head_dim=1, scale=3.0, magnitude=3.0, seed=0)  # peaky, N > p
+@example(batch=1, heads=2, tokens=65, head_dim=17, scale=0.5, magnitude=1.0, seed=0)  # 2 row blocks, p > 16
+@example(batch=2, heads=1, tokens=16, head_dim=16, scale=0.25, magnitude=1.0, seed=1)  # no padding
+def test_fused_attention_equals_autograd_in_float64(
+    device, batch, heads, tokens, head_dim, scale, magnitude, seed
+):
+    """Identity. Tolerance 1e-10·(1 + max|reference|) as test_symmetric_attention.py's: float64 rounding
+    (u ≈ 1.1e-16) amplified by about N·(1 + s·‖w‖²), at most 40·(1 + 3·9·20) ≈ 2e4 for a typical token
+    at the largest N, s, p and magnitude, so 1e-10 leaves a margin of ~50. Tokens past one row block
+    (64) and head dimensions past 16 are among the examples, so padding and the row-block loop are."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, tokens, head_dim)
+    w = (torch.randn(shape, generator=generator, dtype=torch.float64) * magnitude).to(device)
+    upstream = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    out, grad = output_and_gradient(fused_symmetric_attention, w, scale, upstream)
+    ref_out, ref_grad = output_and_gradient(explicit, w, scale, upstream)
+    assert_close(out, ref_out, 1e-10 * (1 + max_abs(ref_out)), "output")
+    assert_close(grad, ref_grad, 1e-10 * (1 + max_abs(ref_grad)), "gradient")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_attention_passes_gradcheck(device):
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 2, 5, 3, generator=generator, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: fused_symmetric_attention(w, 0.7), (w,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", PRECISIONS_LOW)
+@pytest.mark.parametrize("peaky", [False, True], ids=["soft", "peaky"])
+def test_fused_attention_follows_precision_rule(precision, peaky, device):
+    """At CRATE-T's head shapes (B 2, K 6, N 197, p 64; four row blocks, padded to 256 keys), soft
+    (released init) and peaky (U × 4). float32 on the CPU checks the algorithm only (the interpreter's
+    float32 dot is numpy's); on CUDA the kernel's float32 dot is IEEE, not TF32."""
+    forward, backward = rule_errors(fused_symmetric_attention, precision, peaky, device)
+    print(f"kernel {precision} {'peaky' if peaky else 'soft'} forward: {forward}; backward: {backward}")
+    assert forward.holds, f"forward: {forward}"
+    assert backward.holds, f"backward: {backward}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_attention_saves_w_and_two_numbers_per_row(device):
+    """Exact: autograd keeps W (B, K, N, p) in its dtype and each row's maximum and sum, float32
+    (B, K, N) each, no N×N matrix."""
+    w = torch.randn(2, 3, 17, 8, dtype=torch.bfloat16, device=device)
+    stored = []
+
+    def pack(tensor):
+        stored.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fused_symmetric_attention(w.requires_grad_(), 0.125)
+    rows = ((2, 3, 17), torch.float32)
+    assert sorted(stored, key=str) == sorted([((2, 3, 17, 8), torch.bfloat16), rows, rows], key=str)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_attention_refuses_rows_longer_than_one_block(device):
+    w = torch.zeros(1, 1, mssa_kernel.MAX_TOKENS + 1, 4, device=device)
+    with pytest.raises(ValueError, match=f"{mssa_kernel.MAX_TOKENS + 1} tokens"):
+        fused_symmetric_attention(w, 1.0)
