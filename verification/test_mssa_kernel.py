@@ -15,6 +15,8 @@ from), not the GPU's tensor cores and their accumulation order, which the "cuda"
 (`-k cuda`, benchmarks/run_gpu.sh). On a CUDA machine the interpreter is off and the cpu cases skip.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 
 from verification import options
 from verification.asserts import assert_close, max_abs
-from verification.strategies import log_uniform, seeds
+from verification.strategies import log_uniform, scaled_settings, seeds
 from verification.test_symmetric_attention import explicit, output_and_gradient, rule_errors
 
 triton = pytest.importorskip("triton")
@@ -41,10 +43,25 @@ def _device(device: str):
 
 
 DEVICES = [_device(device) for device in options.devices()]
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """The interpreter's dots are numpy's small matmuls; OpenBLAS threads contending with PyTorch's
+    made them 3× slower on 2 cores (one CRATE-T forward and backward 5.9 s, 1.9 s with one thread)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(1, user_api="blas") if INTERPRETED else contextlib.nullcontext()
+    with limits:
+        yield
 PRECISIONS_LOW = ["bfloat16", "float16", "bf16-autocast", "float32"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@scaled_settings(0.2)
 @given(
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
@@ -78,7 +95,7 @@ def test_fused_attention_equals_autograd_in_float64(
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_attention_passes_gradcheck(device):
     generator = torch.Generator().manual_seed(0)
-    w = torch.randn(2, 2, 5, 3, generator=generator, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(1, 2, 5, 3, generator=generator, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda w: fused_symmetric_attention(w, 0.7), (w,))
 
 
