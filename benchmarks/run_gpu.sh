@@ -48,6 +48,8 @@ $PY -m benchmarks.report "${stem}.json" | tee "${stem}.md"
     echo "## symmetric attention and SDPA's fused kernels under the precision rule (CRATE-T shapes)"
     CI=1 timeout 90 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
         verification/test_symmetric_attention.py 2>&1 | grep -E "forward:|passed|failed|Error"
+    echo "## the fused Triton kernels (crate/models/mssa_kernel.py) under the precision rule, compiled"
+    CI=1 timeout 120 $PY -m pytest -q -s -p no:cacheprovider -k cuda verification/test_mssa_kernel.py 2>&1 | grep -E "forward:|passed|failed|Error"
     for family in crate alpha; do
         timeout 60 $PY -m verification.precision --device cuda --family "$family"
     done

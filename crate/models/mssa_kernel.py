@@ -20,7 +20,7 @@ runs one program per image·head, looping over the row blocks i: the row part s�
 final after block i and is written to a scratch buffer; the column part Pᵢᵀ·dOᵢ + s·dSᵢᵀ·Wᵢ is
 summed over i in a (BLOCK_N, p) accumulator and added to the scratch at the end. No atomics, no
 race: each program owns its head. (The upper-triangle tiling of the symmetric S that the issue
-also asks for is not built yet; which tiling serves training is for benchmarks/test_mssa_kernel.py
+also asks for is not built yet; which tiling serves training is for benchmarks/test_attention_kernel.py
 on a GPU to decide.)
 
 Rounding, by the precision rule (docs/math.md §8: as accurate as the plain path in W's dtype): every
@@ -40,7 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_TOKENS = 1024  # the longest key row one program holds (S tile BLOCK_M × BLOCK_N in registers)
+# the longest key row one program holds (S tile BLOCK_M × BLOCK_N in registers), the widest head;
+# crate/models/layers.py repeats them (KERNEL_MAX_*) to choose the kernel without importing Triton
+MAX_TOKENS = 1024
 MAX_HEAD_DIM = 256
 BLOCK_M = 64  # query rows per forward program and per backward step
 # Triton 3.8's interpreter gets bfloat16 wrong twice: its dot multiplies bf16 blocks as their raw
