@@ -54,7 +54,7 @@ def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tens
     """softmax_row(s·w_k w_kᵀ)·w_k per head: (B, K, N, p) -> (B, K, N, p), query = key = value = w.
 
     ``fused``: with CRATE_MSSA_KERNEL=1 and a gradient on CUDA, the Triton kernels of mssa_kernel.py
-    (rows up to 1024 tokens, heads up to 256 wide); else F.scaled_dot_product_attention where no
+    (up to 256 tokens, heads up to 64 wide, not float64); else F.scaled_dot_product_attention where no
     gradient flows or its backward is accurate, else symmetric_attention; not fused, and under
     TorchScript and torch.export, the explicit matmul-softmax path (see MSSA for why). A leaf of
     torch.fx traces (torch.fx.wrap), so that a traced model makes this choice when it runs, as the
@@ -74,12 +74,12 @@ def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tens
 
 
 KERNEL_VARIABLE = "CRATE_MSSA_KERNEL"  # =1: CUDA training through crate/models/mssa_kernel.py
-KERNEL_MAX_TOKENS, KERNEL_MAX_HEAD_DIM = 1024, 256  # mssa_kernel's MAX_TOKENS and MAX_HEAD_DIM
+KERNEL_MAX_TOKENS, KERNEL_MAX_HEAD_DIM = 256, 64  # mssa_kernel's MAX_TOKENS and MAX_HEAD_DIM
 
 
 def _kernel_selected(w: torch.Tensor) -> bool:
     fits = w.shape[-2] <= KERNEL_MAX_TOKENS and w.shape[-1] <= KERNEL_MAX_HEAD_DIM
-    return w.is_cuda and fits and os.environ.get(KERNEL_VARIABLE) == "1"
+    return w.is_cuda and w.dtype != torch.float64 and fits and os.environ.get(KERNEL_VARIABLE) == "1"
 
 
 def _kernel_attention(w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -104,9 +104,10 @@ class MSSA(nn.Module):
     keep it in float16 and bfloat16 only; in float32, and on the CPU, their gradients break it with
     peaky attention (the measured factors and speeds: README "Using the fast model").
     Opt-in, default off: the environment variable CRATE_MSSA_KERNEL=1 makes CUDA training (any
-    dtype) run crate/models/mssa_kernel.py's fused Triton kernels instead (read at every call, so a
-    run's verification gate checks the model with them; verified under Triton's interpreter on the
-    CPU, to become the default only where a GPU run shows it keeps the rule and wins).
+    dtype but float64) run crate/models/mssa_kernel.py's fused Triton kernels instead (read at every
+    call, so a run's verification gate checks the model with them; verified under Triton's
+    interpreter on the CPU, to become the default only where a GPU run shows it keeps the rule and
+    wins).
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
     whole width, as officially).
     """

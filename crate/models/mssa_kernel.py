@@ -40,11 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-# the longest key row one program holds (S tile BLOCK_M × BLOCK_N in registers), the widest head;
-# crate/models/layers.py repeats them (KERNEL_MAX_*) to choose the kernel without importing Triton
-MAX_TOKENS = 1024
-MAX_HEAD_DIM = 256
-BLOCK_M = 64  # query rows per forward program and per backward step
+# The longest key row and the widest head one program holds, by W's dtype: sized by compiling the
+# kernels for sm_90 (H100) with Triton 3.8 on the CPU, whose shared memory then stays within an
+# A100's 163 KiB (bf16 backward 113 KiB, float32 forward 128 KiB and backward 116 KiB with 16-row
+# steps; float64 backward 117 KiB at 128 tokens, 360 KiB at 256). crate/models/layers.py repeats
+# the first (KERNEL_MAX_*) to choose the kernel without importing Triton.
+MAX_TOKENS, MAX_HEAD_DIM = 256, 64
+FLOAT64_MAX_TOKENS, FLOAT64_MAX_HEAD_DIM = 128, 32
+BLOCK_M = 64  # query rows per forward program, and per backward step in half precision
+WIDE_BACKWARD_BLOCK_M = 16  # per backward step in float32 and float64 (shared memory)
 # Triton 3.8's interpreter gets bfloat16 wrong twice: its dot multiplies bf16 blocks as their raw
 # uint16 bits (it converts fp8 only), and its float32 → bf16 cast truncates (its round-to-nearest
 # drops a carry into the exponent). Interpreted, _dot widens bf16 operands to float32 (exact, and
@@ -146,20 +150,18 @@ def _backward_kernel(
     tl.store(DW + offset + key_offsets, _to(dw, DW.dtype.element_ty), mask=key_mask)
 
 
-def _blocks(tokens: int, head_dim: int) -> dict:
-    if not 1 <= tokens <= MAX_TOKENS:
+def _blocks(w: torch.Tensor) -> dict:
+    *_, tokens, head_dim = w.shape
+    max_tokens, max_head_dim = (MAX_TOKENS, MAX_HEAD_DIM)
+    if w.dtype == torch.float64:
+        max_tokens, max_head_dim = (FLOAT64_MAX_TOKENS, FLOAT64_MAX_HEAD_DIM)
+    if not 1 <= tokens <= max_tokens or not 1 <= head_dim <= max_head_dim:
         raise ValueError(
-            f"fused_symmetric_attention: {tokens} tokens; the kernel holds a whole key row, 1 to {MAX_TOKENS}"
+            f"fused_symmetric_attention: {tokens} tokens of head dimension {head_dim} in {w.dtype}; the "
+            f"kernel holds a whole key row: 1 to {max_tokens} tokens, head dimension 1 to {max_head_dim}"
         )
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"fused_symmetric_attention: head dimension {head_dim}; expected 1 to {MAX_HEAD_DIM}"
-        )
-    return dict(
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=max(16, triton.next_power_of_2(tokens)),
-        BLOCK_P=max(16, triton.next_power_of_2(head_dim)),
-    )
+    power = triton.next_power_of_2
+    return dict(BLOCK_N=max(16, power(tokens)), BLOCK_P=max(16, power(head_dim)))
 
 
 def _check_device(w: torch.Tensor) -> None:
@@ -181,14 +183,14 @@ class FusedSymmetricAttention(torch.autograd.Function):
             w = w.to(torch.get_autocast_dtype(device))  # as autocast's matmuls would (symmetric_attention)
         _check_device(w)
         *lead, tokens, head_dim = w.shape
-        blocks = _blocks(tokens, head_dim)
+        blocks = _blocks(w)
         w = w.contiguous()
         heads = w.numel() // (tokens * head_dim)
         wide = torch.promote_types(w.dtype, torch.float32)
         o = torch.empty_like(w)
         top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # (..., N) each
         grid = (heads, triton.cdiv(tokens, BLOCK_M))
-        _forward_kernel[grid](w, o, top, total, scale, tokens, head_dim, **blocks)
+        _forward_kernel[grid](w, o, top, total, scale, tokens, head_dim, BLOCK_M=BLOCK_M, **blocks)
         ctx.save_for_backward(w, top, total)
         ctx.scale = scale
         return o
@@ -201,12 +203,14 @@ class FusedSymmetricAttention(torch.autograd.Function):
         do = do.to(w.dtype).contiguous()
         scratch = torch.empty(w.shape, dtype=top.dtype, device=w.device)  # the row parts s·dSᵢ·W
         dw = torch.empty_like(w)
-        blocks = _blocks(tokens, head_dim)
-        _backward_kernel[(heads,)](w, do, top, total, scratch, dw, ctx.scale, tokens, head_dim, **blocks)
+        rows = BLOCK_M if w.element_size() == 2 else WIDE_BACKWARD_BLOCK_M
+        arguments = (w, do, top, total, scratch, dw, ctx.scale, tokens, head_dim)
+        _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, **_blocks(w))
         return dw, None
 
 
 def fused_symmetric_attention(w: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax_row(scale·WWᵀ)·W, (..., N, p) → (..., N, p), N ≤ MAX_TOKENS, p ≤ MAX_HEAD_DIM, on CUDA
-    (or on the CPU under TRITON_INTERPRET=1); the gradient equals symmetric_attention's."""
+    """softmax_row(scale·WWᵀ)·W, (..., N, p) → (..., N, p), N ≤ MAX_TOKENS, p ≤ MAX_HEAD_DIM (float64:
+    FLOAT64_MAX_*), on CUDA (or on the CPU under TRITON_INTERPRET=1); the gradient equals
+    symmetric_attention's."""
     return FusedSymmetricAttention.apply(w, scale)
