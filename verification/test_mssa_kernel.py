@@ -16,6 +16,7 @@ from), not the GPU's tensor cores and their accumulation order, which the "cuda"
 """
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -35,6 +36,7 @@ from verification.test_symmetric_attention import explicit, output_and_gradient,
 triton = pytest.importorskip("triton")
 mssa_kernel = pytest.importorskip("crate.models.mssa_kernel")
 fused_symmetric_attention = mssa_kernel.fused_symmetric_attention
+TILING = pytest.mark.parametrize("tiling", mssa_kernel.TILINGS)
 
 INTERPRETED = triton.knobs.runtime.interpret
 
@@ -65,8 +67,10 @@ def one_blas_thread():
 
 
 PRECISIONS_LOW = ["bfloat16", "float16", "bf16-autocast", "float32"]
+SLOW_ON_CPU = ("float16", "bf16-autocast") if INTERPRETED else ()  # for the triangle tiling
 
 
+@TILING
 @pytest.mark.parametrize("device", DEVICES)
 @scaled_settings(0.1)
 @given(
@@ -83,7 +87,7 @@ PRECISIONS_LOW = ["bfloat16", "float16", "bf16-autocast", "float32"]
 @example(batch=1, heads=2, tokens=65, head_dim=17, scale=0.5, magnitude=1.0, seed=0)  # 2 row blocks, p > 16
 @example(batch=2, heads=1, tokens=16, head_dim=16, scale=0.25, magnitude=1.0, seed=1)  # no padding
 def test_fused_attention_equals_autograd_in_float64(
-    device, batch, heads, tokens, head_dim, scale, magnitude, seed
+    tiling, device, batch, heads, tokens, head_dim, scale, magnitude, seed
 ):
     """Identity. Tolerance 1e-10·(1 + max|reference|) as test_symmetric_attention.py's: float64 rounding
     (u ≈ 1.1e-16) amplified by about N·(1 + s·‖w‖²), at most 40·(1 + 3·9·20) ≈ 2e4 for a typical token
@@ -93,28 +97,41 @@ def test_fused_attention_equals_autograd_in_float64(
     shape = (batch, heads, tokens, head_dim)
     w = (torch.randn(shape, generator=generator, dtype=torch.float64) * magnitude).to(device)
     upstream = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
-    out, grad = output_and_gradient(fused_symmetric_attention, w, scale, upstream)
+    kernel = functools.partial(fused_symmetric_attention, tiling=tiling)
+    out, grad = output_and_gradient(kernel, w, scale, upstream)
     ref_out, ref_grad = output_and_gradient(explicit, w, scale, upstream)
     assert_close(out, ref_out, 1e-10 * (1 + max_abs(ref_out)), "output")
     assert_close(grad, ref_grad, 1e-10 * (1 + max_abs(ref_grad)), "gradient")
 
 
+@TILING
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_attention_passes_gradcheck(device):
+def test_fused_attention_passes_gradcheck(tiling, device):
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(1, 2, 5, 3, generator=generator, dtype=torch.float64).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda w: fused_symmetric_attention(w, 0.7), (w,))
+    assert torch.autograd.gradcheck(lambda w: fused_symmetric_attention(w, 0.7, tiling), (w,))
 
 
+@pytest.mark.parametrize(
+    "tiling, precision",
+    [("rows", precision) for precision in PRECISIONS_LOW]
+    + [
+        pytest.param("triangle", precision, marks=[pytest.mark.slow] if precision in SLOW_ON_CPU else [])
+        for precision in PRECISIONS_LOW
+    ],
+)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", PRECISIONS_LOW)
 @pytest.mark.parametrize("peaky", [False, True], ids=["soft", "peaky"])
-def test_fused_attention_follows_precision_rule(precision, peaky, device):
-    """At CRATE-T's head shapes (B 2, K 6, N 197, p 64; four row blocks, padded to 256 keys), soft
-    (released init) and peaky (U × 4). float32 on the CPU checks the algorithm only (the interpreter's
-    float32 dot is numpy's); on CUDA the kernel's float32 dot is IEEE, not TF32."""
-    forward, backward = rule_errors(fused_symmetric_attention, precision, peaky, device)
-    print(f"kernel {precision} {'peaky' if peaky else 'soft'} forward: {forward}; backward: {backward}")
+def test_fused_attention_follows_precision_rule(precision, peaky, device, tiling):
+    """At CRATE-T's head shapes (B 2, K 6, N 197, p 64; four row blocks, padded to 256 keys; the
+    triangle's 10 tiles), soft (released init) and peaky (U × 4); the triangle's fp16 and bf16
+    autocast cases are slow on the CPU (the default run keeps the added time under a minute).
+    float32 on the CPU checks the algorithm only (the interpreter's float32 dot is numpy's); on CUDA
+    the kernel's float32 dot is IEEE, not TF32."""
+    kernel = functools.partial(fused_symmetric_attention, tiling=tiling)
+    forward, backward = rule_errors(kernel, precision, peaky, device)
+    weights = "peaky" if peaky else "soft"
+    print(f"kernel ({tiling}) {precision} {weights} forward: {forward}; backward: {backward}")
     assert forward.holds, f"forward: {forward}"
     assert backward.holds, f"backward: {backward}"
 
@@ -213,11 +230,14 @@ for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
     for name, kernel, pointers, block_m in (
         ("forward", k._forward_kernel, ("W", "OUT", "TOP", "TOTAL"), k.BLOCK_M),
         ("backward", k._backward_kernel, ("W", "DO", "TOP", "TOTAL", "SCRATCH", "DW"), rows[size]),
+        ("triangle forward", k._triangle_forward_kernel, ("W", "OUT", "TOP", "TOTAL", "ACC"), k.BLOCK_M),
     ):
-        signature = {p: "*" + (wide if p in ("TOP", "TOTAL", "SCRATCH") else dtype) for p in pointers}
+        signature = {p: "*" + (wide if p in ("TOP", "TOTAL", "SCRATCH", "ACC") else dtype) for p in pointers}
         signature.update(scale="fp32", N="i32", P="i32")
-        signature.update(BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_P="constexpr")
         values = dict(BLOCK_M=block_m, **blocks)
+        if kernel is k._triangle_forward_kernel:
+            values.pop("BLOCK_N")
+        signature.update({name: "constexpr" for name in values})
         names = list(signature)
         source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in values.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
@@ -241,5 +261,5 @@ def test_kernels_compile_for_sm90_within_an_a100_s_shared_memory():
     assert result.returncode == 0, result.stderr[-3000:]
     shared = json.loads(result.stdout)
     print(shared)
-    assert len(shared) == 8
+    assert len(shared) == 12
     assert all(bytes_ <= A100_SHARED_BYTES for bytes_ in shared.values()), shared

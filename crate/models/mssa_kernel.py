@@ -19,9 +19,19 @@ the whole key row (BLOCK_N = the next power of two ≥ N, padded keys masked to 
 runs one program per image·head, looping over the row blocks i: the row part s·dS_i·W of dW is
 final after block i and is written to a scratch buffer; the column part Pᵢᵀ·dOᵢ + s·dSᵢᵀ·Wᵢ is
 summed over i in a (BLOCK_N, p) accumulator and added to the scratch at the end. No atomics, no
-race: each program owns its head. (The upper-triangle tiling of the symmetric S that the issue
-also asks for is not built yet; which tiling serves training is for benchmarks/test_attention_kernel.py
-on a GPU to decide.)
+race: each program owns its head.
+
+The second forward tiling, "triangle", computes only the upper triangle of the symmetric S: one
+program per image·head visits the tiles (i, j ≥ i) of BLOCK_M × BLOCK_M, and each tile S_ij serves
+row block i (keys j) and, transposed, row block j (keys i), through FlashAttention's online softmax
+(running max, sum and unnormalised output per row, in a float32 scratch, so exp(S − running max)
+is what is rounded to W's dtype before the product with W). The final max and sum are saved as the
+row-block forward saves them, and the backward is the same. FLOPs per head at N = 197, p = 64,
+BLOCK_M = 64 (4 row blocks, padded): rows: S 2·256·256·64 = 8.4 M + P·W 8.4 M = 16.8 M; triangle:
+S on 10 of the 16 tiles 5.2 M + P·W 8.4 M = 13.6 M, 19% fewer (the function's own 4·N²·p: 9.9 M),
+for one program per head in sequence over its 10 tiles instead of four in parallel, and the scratch
+read and written per tile. Which one serves training is for benchmarks/test_attention_kernel.py on
+a GPU to decide; "rows" is the default.
 
 Rounding, by the precision rule (docs/math.md §8: as accurate as the plain path in W's dtype): every
 tl.dot takes operands in W's dtype and accumulates in float32 (float64 for float64 W), as the plain
@@ -49,6 +59,7 @@ MAX_TOKENS, MAX_HEAD_DIM = 256, 64
 FLOAT64_MAX_TOKENS, FLOAT64_MAX_HEAD_DIM = 128, 32
 BLOCK_M = 64  # query rows per forward program, and per backward step in half precision
 WIDE_BACKWARD_BLOCK_M = 16  # per backward step in float32 and float64 (shared memory)
+TILINGS = ("rows", "triangle")  # the forward's: row blocks of BLOCK_M, or S's upper triangle of tiles
 # Triton 3.8's interpreter gets bfloat16 wrong twice: its dot multiplies bf16 blocks as their raw
 # uint16 bits (it converts fp8 only), and its float32 → bf16 cast truncates (its round-to-nearest
 # drops a carry into the exponent). Interpreted, _dot widens bf16 operands to float32 (exact, and
@@ -102,6 +113,89 @@ def _forward_kernel(
     tl.store(OUT + row_offsets, _to(o, OUT.dtype.element_ty), mask=row_mask)
     tl.store(TOP + head * N + rows, top, mask=rows < N)
     tl.store(TOTAL + head * N + rows, total, mask=rows < N)
+
+
+@triton.jit
+def _online_update(ACC, TOP, TOTAL, offset, stats, rows, scores, w_keys, N, P, dims):
+    """Rows ``rows`` meet one block of keys: their running max, sum and unnormalised output in the
+    scratch (FlashAttention's online softmax) take ``scores`` (BLOCK_M, BLOCK_M) into account."""
+    row_mask = (rows[:, None] < N) & (dims[None, :] < P)
+    row_offsets = offset + rows[:, None] * P + dims[None, :]
+    top = tl.load(TOP + stats + rows, mask=rows < N, other=0.0)
+    total = tl.load(TOTAL + stats + rows, mask=rows < N, other=0.0)
+    acc = tl.load(ACC + row_offsets, mask=row_mask, other=0.0)
+    new_top = tl.maximum(top, tl.max(scores, 1))
+    rescale = tl.exp(top - new_top)
+    e = tl.exp(scores - new_top[:, None])
+    tl.store(TOP + stats + rows, new_top, mask=rows < N)
+    tl.store(TOTAL + stats + rows, total * rescale + tl.sum(e, 1), mask=rows < N)
+    acc = acc * rescale[:, None] + _dot(_to(e, w_keys.dtype), w_keys)
+    tl.store(ACC + row_offsets, acc, mask=row_mask)
+
+
+@triton.jit
+def _triangle_forward_kernel(
+    W, OUT, TOP, TOTAL, ACC, scale, N, P, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    # W, OUT: (heads, N, P), W's dtype; TOP, TOTAL: (heads, N) and ACC: (heads, N, P), float32 (float64)
+    head = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_P)
+    offset, stats = head * N * P, head * N
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        tl.store(TOP + stats + rows, tl.full((BLOCK_M,), float("-inf"), TOP.dtype.element_ty), mask=rows < N)
+        tl.store(TOTAL + stats + rows, tl.zeros((BLOCK_M,), TOTAL.dtype.element_ty), mask=rows < N)
+        row_mask = (rows[:, None] < N) & (dims[None, :] < P)
+        tl.store(
+            ACC + offset + rows[:, None] * P + dims[None, :],
+            tl.zeros((BLOCK_M, BLOCK_P), ACC.dtype.element_ty),
+            mask=row_mask,
+        )
+    tl.debug_barrier()
+    for i in range(0, N, BLOCK_M):
+        rows_i = i + tl.arange(0, BLOCK_M)
+        mask_i = (rows_i[:, None] < N) & (dims[None, :] < P)
+        w_i = tl.load(W + offset + rows_i[:, None] * P + dims[None, :], mask=mask_i, other=0.0)
+        for j in range(i, N, BLOCK_M):
+            rows_j = j + tl.arange(0, BLOCK_M)
+            mask_j = (rows_j[:, None] < N) & (dims[None, :] < P)
+            w_j = tl.load(W + offset + rows_j[:, None] * P + dims[None, :], mask=mask_j, other=0.0)
+            scores = _dot(w_i, tl.trans(w_j)) * scale  # S_ij (BLOCK_M, BLOCK_M), and S_ji = S_ijᵀ
+            _online_update(
+                ACC,
+                TOP,
+                TOTAL,
+                offset,
+                stats,
+                rows_i,
+                tl.where(rows_j[None, :] < N, scores, float("-inf")),
+                w_j,
+                N,
+                P,
+                dims,
+            )
+            if j != i:
+                _online_update(
+                    ACC,
+                    TOP,
+                    TOTAL,
+                    offset,
+                    stats,
+                    rows_j,
+                    tl.where(rows_i[None, :] < N, tl.trans(scores), float("-inf")),
+                    w_i,
+                    N,
+                    P,
+                    dims,
+                )
+            tl.debug_barrier()  # the next tile reads what this one stored
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = (rows[:, None] < N) & (dims[None, :] < P)
+        row_offsets = offset + rows[:, None] * P + dims[None, :]
+        total = tl.load(TOTAL + stats + rows, mask=rows < N, other=1.0)
+        o = tl.load(ACC + row_offsets, mask=row_mask, other=0.0) / total[:, None]
+        tl.store(OUT + row_offsets, _to(o, OUT.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -177,11 +271,13 @@ class FusedSymmetricAttention(torch.autograd.Function):
     the entry point."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, scale: float, tiling: str) -> torch.Tensor:
         device = w.device.type
         if torch.is_autocast_enabled(device):
             w = w.to(torch.get_autocast_dtype(device))  # as autocast's matmuls would (symmetric_attention)
         _check_device(w)
+        if tiling not in TILINGS:
+            raise ValueError(f"fused_symmetric_attention: tiling {tiling!r}; expected one of {TILINGS}")
         *lead, tokens, head_dim = w.shape
         blocks = _blocks(w)
         w = w.contiguous()
@@ -189,14 +285,19 @@ class FusedSymmetricAttention(torch.autograd.Function):
         wide = torch.promote_types(w.dtype, torch.float32)
         o = torch.empty_like(w)
         top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # (..., N) each
-        grid = (heads, triton.cdiv(tokens, BLOCK_M))
-        _forward_kernel[grid](w, o, top, total, scale, tokens, head_dim, BLOCK_M=BLOCK_M, **blocks)
+        if tiling == "rows":
+            grid = (heads, triton.cdiv(tokens, BLOCK_M))
+            _forward_kernel[grid](w, o, top, total, scale, tokens, head_dim, BLOCK_M=BLOCK_M, **blocks)
+        else:
+            accumulator = torch.empty(w.shape, dtype=wide, device=w.device)  # Σⱼ exp(Sᵢⱼ − mᵢ)·Wⱼ
+            arguments = (w, o, top, total, accumulator, scale, tokens, head_dim)
+            _triangle_forward_kernel[(heads,)](*arguments, BLOCK_M=BLOCK_M, BLOCK_P=blocks["BLOCK_P"])
         ctx.save_for_backward(w, top, total)
         ctx.scale = scale
         return o
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         w, top, total = ctx.saved_tensors
         *_, tokens, head_dim = w.shape
         heads = w.numel() // (tokens * head_dim)
@@ -206,11 +307,11 @@ class FusedSymmetricAttention(torch.autograd.Function):
         rows = BLOCK_M if w.element_size() == 2 else WIDE_BACKWARD_BLOCK_M
         arguments = (w, do, top, total, scratch, dw, ctx.scale, tokens, head_dim)
         _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, **_blocks(w))
-        return dw, None
+        return dw, None, None
 
 
-def fused_symmetric_attention(w: torch.Tensor, scale: float) -> torch.Tensor:
+def fused_symmetric_attention(w: torch.Tensor, scale: float, tiling: str = "rows") -> torch.Tensor:
     """softmax_row(scale·WWᵀ)·W, (..., N, p) → (..., N, p), N ≤ MAX_TOKENS, p ≤ MAX_HEAD_DIM (float64:
     FLOAT64_MAX_*), on CUDA (or on the CPU under TRITON_INTERPRET=1); the gradient equals
-    symmetric_attention's."""
-    return FusedSymmetricAttention.apply(w, scale)
+    symmetric_attention's. ``tiling``: the forward's, "rows" or "triangle" (the module's docstring)."""
+    return FusedSymmetricAttention.apply(w, scale, tiling)

@@ -504,6 +504,11 @@ TARGETS = (
                 "tl.exp(scores) / total[:, None]",
             ),
             Mutation(
+                "fused kernel's triangle skips the transposed tiles",
+                "            if j != i:",
+                "            if j < i:",
+            ),
+            Mutation(
                 "fused kernel's correction Δ = rowsum(dO ∘ O)",
                 "delta = tl.sum(p_wide * dp, 1)",
                 "delta = tl.sum(do.to(dp.dtype) * _to(_dot(p, w_keys), W.dtype.element_ty).to(dp.dtype), 1)",
