@@ -1,18 +1,20 @@
 """MSSA's attention softmax_row(s·WWᵀ)·W (query = key = value = W) as fused Triton kernels.
 
 The same function and the same backward as crate/models/attention.py's symmetric_attention, in two
-kernels that never write the N×N matrices: the forward saves each row's maximum m and sum
-l = Σⱼ exp(Sᵢⱼ − m) (2N numbers per head instead of P), and the backward recomputes P = exp(S − m)/l
-from them, as the forward computed it, and computes, in one pass,
+kernels that never write the N×N matrices: autograd keeps W alone (not P), and the backward, which
+holds whole rows, recomputes S and P = softmax_row(S) itself and computes, in one pass,
 
     dW = Pᵀ·dO + s·(dS + dSᵀ)·W,   dS = P ∘ (dP − Δ),   dP = dO·Wᵀ,   Δ = rowsum(P ∘ dP).
 
 Δ is taken from the full row of P and dP held in the program (a row of N ≤ MAX_TOKENS keys fits one
 block), not as FlashAttention's rowsum(dO ∘ O): attention.py explains why that correction breaks the
 precision rule with peaky attention in bf16 (verification/mutations/ keeps it as a mutation the rule
-catches). Nor is P recomputed as FlashAttention's exp(S − LSE) from one log-sum-exp: that adds
-LSE's rounding, u·|LSE|, to every exponent, and with peaky attention (|S| in the tens) float32
-gradients broke the rule (6.1× the plain error at CRATE-T's shapes, under the interpreter).
+catches). Nor is P recomputed from statistics the forward saved: as FlashAttention's exp(S − LSE)
+it adds LSE's rounding, u·|LSE|, to every exponent (with peaky attention, |S| in the tens, float32
+gradients broke the rule: 6.1× the plain error at CRATE-T's shapes, under the interpreter); as
+exp(S − m)/l with the forward's max and sum, a recomputed S that differs from the forward's by an
+ulp (other tile shapes) leaves rows of P that do not sum to 1, which dW = s·dS·W amplifies (float64,
+N 40, p 20, s 3: 3.3e-10 against 1.2e-14 for autograd). Normalised in the backward, P sums to 1.
 
 Tiling: the forward runs one program per (image·head, block of BLOCK_M query rows), each holding
 the whole key row (BLOCK_N = the next power of two ≥ N, padded keys masked to −∞). The backward
@@ -25,13 +27,12 @@ The second forward tiling, "triangle", computes only the upper triangle of the s
 program per image·head visits the tiles (i, j ≥ i) of BLOCK_M × BLOCK_M, and each tile S_ij serves
 row block i (keys j) and, transposed, row block j (keys i), through FlashAttention's online softmax
 (running max, sum and unnormalised output per row, in a float32 scratch, so exp(S − running max)
-is what is rounded to W's dtype before the product with W). The final max and sum are saved as the
-row-block forward saves them, and the backward is the same. FLOPs per head at N = 197, p = 64,
-BLOCK_M = 64 (4 row blocks, padded): rows: S 2·256·256·64 = 8.4 M + P·W 8.4 M = 16.8 M; triangle:
-S on 10 of the 16 tiles 5.2 M + P·W 8.4 M = 13.6 M, 19% fewer (the function's own 4·N²·p: 9.9 M),
-for one program per head in sequence over its 10 tiles instead of four in parallel, and the scratch
-read and written per tile. Which one serves training is for benchmarks/test_attention_kernel.py on
-a GPU to decide; "rows" is the default.
+is what is rounded to W's dtype before the product with W); the backward is the same. FLOPs per
+head at N = 197, p = 64, BLOCK_M = 64 (4 row blocks, padded): rows: S 2·256·256·64 = 8.4 M + P·W
+8.4 M = 16.8 M; triangle: S on 10 of the 16 tiles 5.2 M + P·W 8.4 M = 13.6 M, 19% fewer (the
+function's own 4·N²·p: 9.9 M), for one program per head in sequence over its 10 tiles instead of
+four in parallel, and the scratch read and written per tile. Which one serves training is for
+benchmarks/test_attention_kernel.py on a GPU to decide; "rows" is the default.
 
 Rounding, by the precision rule (docs/math.md §8: as accurate as the plain path in W's dtype): every
 tl.dot takes operands in W's dtype and accumulates in float32 (float64 for float64 W), as the plain
@@ -89,10 +90,9 @@ def _dot(a, b):
 
 
 @triton.jit
-def _forward_kernel(
-    W, OUT, TOP, TOTAL, scale, N, P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr
-):
-    # W, OUT: (heads, N, P) contiguous, W's dtype; TOP, TOTAL: (heads, N), float32 (float64 for float64 W)
+def _forward_kernel(W, OUT, SCALE, N, P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    # W, OUT: (heads, N, P) contiguous, W's dtype; SCALE: (1,), float32 (float64 for float64 W)
+    scale = tl.load(SCALE)
     head = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = tl.arange(0, BLOCK_N)
@@ -111,8 +111,6 @@ def _forward_kernel(
     o = _dot(p, w_keys)  # (BLOCK_M, BLOCK_P)
     row_offsets = head * N * P + rows[:, None] * P + dims[None, :]
     tl.store(OUT + row_offsets, _to(o, OUT.dtype.element_ty), mask=row_mask)
-    tl.store(TOP + head * N + rows, top, mask=rows < N)
-    tl.store(TOTAL + head * N + rows, total, mask=rows < N)
 
 
 @triton.jit
@@ -135,9 +133,11 @@ def _online_update(ACC, TOP, TOTAL, offset, stats, rows, scores, w_keys, N, P, d
 
 @triton.jit
 def _triangle_forward_kernel(
-    W, OUT, TOP, TOTAL, ACC, scale, N, P, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr
+    W, OUT, TOP, TOTAL, ACC, SCALE, N, P, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr
 ):
-    # W, OUT: (heads, N, P), W's dtype; TOP, TOTAL: (heads, N) and ACC: (heads, N, P), float32 (float64)
+    # W, OUT: (heads, N, P), W's dtype; scratch TOP, TOTAL: (heads, N), ACC: (heads, N, P), float32
+    # (float64); SCALE: (1,)
+    scale = tl.load(SCALE)
     head = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_P)
     offset, stats = head * N * P, head * N
@@ -202,18 +202,17 @@ def _triangle_forward_kernel(
 def _backward_kernel(
     W,
     DO,
-    TOP,
-    TOTAL,
     SCRATCH,
     DW,
-    scale,
+    SCALE,
     N,
     P,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    # W, DO, DW: (heads, N, P), W's dtype; TOP, TOTAL: (heads, N), SCRATCH: (heads, N, P), float32 (float64)
+    # W, DO, DW: (heads, N, P), W's dtype; SCRATCH: (heads, N, P) and SCALE: (1,), float32 (float64)
+    scale = tl.load(SCALE)
     head = tl.program_id(0).to(tl.int64)
     keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_P)
@@ -221,18 +220,18 @@ def _backward_kernel(
     key_mask = (keys[:, None] < N) & (dims[None, :] < P)
     key_offsets = keys[:, None] * P + dims[None, :]
     w_keys = tl.load(W + offset + key_offsets, mask=key_mask, other=0.0)  # (BLOCK_N, BLOCK_P)
-    columns = tl.zeros((BLOCK_N, BLOCK_P), dtype=TOP.dtype.element_ty)  # Σᵢ Pᵢᵀ·dOᵢ + s·dSᵢᵀ·Wᵢ
+    columns = tl.zeros((BLOCK_N, BLOCK_P), dtype=SCRATCH.dtype.element_ty)  # Σᵢ Pᵢᵀ·dOᵢ + s·dSᵢᵀ·Wᵢ
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = (rows[:, None] < N) & (dims[None, :] < P)
         row_offsets = rows[:, None] * P + dims[None, :]
         w_rows = tl.load(W + offset + row_offsets, mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_P)
         do = tl.load(DO + offset + row_offsets, mask=row_mask, other=0.0)
-        top = tl.load(TOP + head * N + rows, mask=rows < N, other=0.0)
-        total = tl.load(TOTAL + head * N + rows, mask=rows < N, other=1.0)
         scores = _dot(w_rows, tl.trans(w_keys)) * scale  # (BLOCK_M, BLOCK_N)
-        valid = (rows[:, None] < N) & (keys[None, :] < N)
-        p = _to(tl.where(valid, tl.exp(scores - top[:, None]) / total[:, None], 0.0), W.dtype.element_ty)
+        keyed = keys[None, :] < N
+        e = tl.where(keyed, tl.exp(scores - tl.max(tl.where(keyed, scores, float("-inf")), 1)[:, None]), 0.0)
+        valid = (rows[:, None] < N) & keyed
+        p = _to(tl.where(valid, e / tl.sum(e, 1)[:, None], 0.0), W.dtype.element_ty)  # softmax_row(S)
         dp = _dot(do, tl.trans(w_keys))  # (BLOCK_M, BLOCK_N)
         p_wide = p.to(dp.dtype)
         delta = tl.sum(p_wide * dp, 1)  # rowsum(P ∘ dP) over the whole row
@@ -284,28 +283,28 @@ class FusedSymmetricAttention(torch.autograd.Function):
         heads = w.numel() // (tokens * head_dim)
         wide = torch.promote_types(w.dtype, torch.float32)
         o = torch.empty_like(w)
-        top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # (..., N) each
+        scale_ = torch.full((1,), scale, dtype=wide, device=w.device)  # a float argument would be fp32
         if tiling == "rows":
             grid = (heads, triton.cdiv(tokens, BLOCK_M))
-            _forward_kernel[grid](w, o, top, total, scale, tokens, head_dim, BLOCK_M=BLOCK_M, **blocks)
+            _forward_kernel[grid](w, o, scale_, tokens, head_dim, BLOCK_M=BLOCK_M, **blocks)
         else:
+            top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # running max, sum
             accumulator = torch.empty(w.shape, dtype=wide, device=w.device)  # Σⱼ exp(Sᵢⱼ − mᵢ)·Wⱼ
-            arguments = (w, o, top, total, accumulator, scale, tokens, head_dim)
+            arguments = (w, o, top, total, accumulator, scale_, tokens, head_dim)
             _triangle_forward_kernel[(heads,)](*arguments, BLOCK_M=BLOCK_M, BLOCK_P=blocks["BLOCK_P"])
-        ctx.save_for_backward(w, top, total)
-        ctx.scale = scale
+        ctx.save_for_backward(w, scale_)
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        w, top, total = ctx.saved_tensors
+        w, scale = ctx.saved_tensors
         *_, tokens, head_dim = w.shape
         heads = w.numel() // (tokens * head_dim)
         do = do.to(w.dtype).contiguous()
-        scratch = torch.empty(w.shape, dtype=top.dtype, device=w.device)  # the row parts s·dSᵢ·W
+        scratch = torch.empty(w.shape, dtype=scale.dtype, device=w.device)  # the row parts s·dSᵢ·W
         dw = torch.empty_like(w)
         rows = BLOCK_M if w.element_size() == 2 else WIDE_BACKWARD_BLOCK_M
-        arguments = (w, do, top, total, scratch, dw, ctx.scale, tokens, head_dim)
+        arguments = (w, do, scratch, dw, scale, tokens, head_dim)
         _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, **_blocks(w))
         return dw, None, None
 

@@ -499,9 +499,9 @@ TARGETS = (
                 "_dot(ds, w_keys), mask=row_mask",
             ),
             Mutation(
-                "fused kernel recomputes P without the row maximum",
-                "tl.exp(scores - top[:, None]) / total[:, None]",
-                "tl.exp(scores) / total[:, None]",
+                "fused kernel's backward leaves P unnormalised",
+                "e / tl.sum(e, 1)[:, None]",
+                "e",
             ),
             Mutation(
                 "fused kernel's triangle skips the transposed tiles",
