@@ -185,7 +185,7 @@ def _mssa_calls(device: str, monkeypatch, selected: bool) -> tuple[int, torch.Te
 
     def counted(w, scale):
         calls.append(w.shape)
-        return mssa_kernel.FusedSymmetricAttention.apply(w, scale)
+        return mssa_kernel.FusedSymmetricAttention.apply(w, scale, "rows")
 
     monkeypatch.setattr(mssa_kernel, "fused_symmetric_attention", counted)
     if selected:
