@@ -9,6 +9,13 @@ profile with HYPOTHESIS_PROFILE=<name>.
 
 import os
 
+import torch
+
+if not torch.cuda.is_available():
+    # crate/models/mssa_kernel.py's Triton kernels then run on CPU tensors under Triton's interpreter
+    # (verification/test_mssa_kernel.py); Triton reads this when it is imported (torch._dynamo does)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import Phase, settings
 
 from verification import options

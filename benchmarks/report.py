@@ -340,6 +340,30 @@ def pipeline_table(benchmarks: list[dict]) -> str:
     return "\n".join(table)
 
 
+def kernel_table(benchmarks: list[dict]) -> str:
+    """MSSA's attention block (benchmarks/test_attention_kernel.py): each form's time, TFLOP/s and peak
+    memory, and its time and memory against SDPA's, the training path it would replace."""
+    lines = [
+        "| heads | mode | form | ms (median) | TFLOP/s | SDPA's time / this | peak memory MiB "
+        "| memory saved against SDPA MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if info.get("block") != "MSSA attention kernel":
+            continue
+        shapes = f"{info['model']} ({info['batch']}×{info['heads']}×{info['tokens']}×{info['head_dim']})"
+        sdpa_ms, sdpa_mib = info["milliseconds"]["SDPA"], info["peak_memory_mib"]["SDPA"]
+        for form, ms in info["milliseconds"].items():
+            mib = info["peak_memory_mib"][form]
+            saved = "n/a" if mib is None or sdpa_mib is None else f"{sdpa_mib - mib:.0f}"
+            lines.append(
+                f"| {shapes} | {info['mode']} | {form} | {ms:.3f} | {info['tflops'][form]:.1f} | "
+                f"{sdpa_ms / ms:.2f} | {'n/a' if mib is None else f'{mib:.0f}'} | {saved} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+", help="one run's JSON files (their tables together)")
@@ -361,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     print(forms_table(benchmarks))
     print()
     print(options_table(benchmarks))
-    tables = (loading_table, pipeline_table, choices_table, goals_table)
+    tables = (loading_table, pipeline_table, kernel_table, choices_table, goals_table)
     for table in (make(benchmarks) for make in tables):
         if table:
             print()

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU set in at most 8 minutes on one H100, each part under its own time limit so that a slow one
-# cannot eat the rest (the limits sum to 470 s):
+# cannot eat the rest (the limits sum to 480 s):
 #   1. the benchmarks (batch 256, bf16 autocast), eager and compiled training rows of CRATE, CRATE-α
-#      and ViT, with the issue-22 goals, stored in the history (`make bench-compare`)      245 s
-#   2. the choices (benchmarks/test_compile_choices.py): SDPA backends at N = 197, the optimizer
-#      step, torch.compile's modes; each result written as it finishes                        80 s
-#   3. the profile: batch 256 against 512, GPU kernel time against wall time (launch-bound?)  60 s
+#      and ViT, with the issue-22 goals, and the data rows (--data-pipeline cpu and gpu, end to end
+#      on an ImageNet-shaped JPEG folder), stored in the history (`make bench-compare`)      255 s
+#   2. the choices: the fused Triton kernel's block against SDPA and symmetric_attention
+#      (benchmarks/test_attention_kernel.py), then SDPA backends at N = 197, the optimizer step,
+#      torch.compile's modes (benchmarks/test_compile_choices.py); written as each finishes   75 s
+#   3. the profile: batch 256 against 512, GPU kernel time against wall time (launch-bound?)  50 s
 #   4. the CUDA verification: both families, TF32 included; symmetric attention and every
-#      SDPA backend at CRATE-T/S/B head shapes under the precision rule; the precision tables 85 s
+#      SDPA backend at CRATE-T/S/B head shapes, the Triton kernel compiled, under the precision
+#      rule; nvjpeg against the cpu pipeline; the precision tables                           100 s
 # Everything goes to benchmarks/results/ named with the device and the date: <stem>.json, and .md (the
 # report of 1 and 2: tables, choices, goals met or missed), <stem>-choices.json, <stem>-profile.md,
 # <stem>-verification.txt (and <stem>-partial.json: what finished of 1 if its limit stopped it,
@@ -22,13 +25,15 @@
 # pytest 112 s, of which torch.compile 43 s for two CRATE-T compiles (inference, train), base-size
 # runs 26 s. 1: that set without its torch.compile option (~70 s) plus 7 compiled training steps
 # (CRATE, ViT at T/S/B, CRATE-α-B/16) at ~20 s of compiling each (~140 s) and their timed rounds
-# (their FLOPs ≈ the eager rows', ~1 PFLOP over 10 rounds at batch 256: ~5 s): ~215 s. 2: SDPA at three
+# (their FLOPs ≈ the eager rows', ~1 PFLOP over 10 rounds at batch 256: ~5 s): ~215 s, and the data
+# rows (a 3,072-image folder made on 16 cores ~5 s, end to end ~20 s per recipe): ~45 s. 2: the kernel
+# block (5 forms × 3 sizes × forward/train, Triton compiles ~2 s per kernel and shape): ~20 s; SDPA at three
 # shapes (~0.1 TFLOP per call, 6 candidates × 16 calls: ~5 s), the optimizer compiled once (~20 s),
 # then the modes, cheapest first: default (in the compile cache from 1: ~10 s per size), reduce-overhead
 # (~25 s per size), max-autotune-no-cudagraphs (a minute or more per size: the limit may stop it; what
 # finished is kept). 3: eager CRATE-T and -S at 256 and 512 (~15 s each with start-up), compiled CRATE-T
 # at 256 (cached, ~20 s). 4: ~25 s measured for the earlier set, plus the SDPA backends (96 cases of
-# B = 2: ~15 s).
+# B = 2: ~15 s), the kernel's CUDA tests (compiles per dtype and tiling: ~30 s), nvjpeg (~5 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -56,10 +61,12 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit; a failure or a
     echo "== $name: $((SECONDS - start)) s (limit ${limit} s)"
 }
 
-part benchmarks 245 $PY -m pytest -q benchmarks --ignore=benchmarks/test_compile_choices.py --bench-rounds 10 \
+part benchmarks 255 $PY -m pytest -q benchmarks --ignore=benchmarks/test_compile_choices.py \
+    --ignore=benchmarks/test_attention_kernel.py --bench-rounds 10 \
     --durations=12 --benchmark-json="${stem}.json" --benchmark-autosave --benchmark-storage=file://benchmarks/history \
     --results-json="${stem}-partial.json"
-part choices 80 $PY -m pytest -q -s benchmarks/test_compile_choices.py --bench-rounds 5 \
+part choices 75 $PY -m pytest -q -s benchmarks/test_attention_kernel.py benchmarks/test_compile_choices.py \
+    --bench-rounds 5 \
     --results-json="${stem}-choices.json"
 reports=()
 if [ -s "${stem}.json" ]; then
@@ -76,11 +83,11 @@ fi
 profile() {  # the launch-bound question: batch 256 against 512, kernel time against wall time
     {
         for model in crate_tiny_patch16_224 crate_small_patch16_224; do
-            part "profile ${model}" 18 $PY -m benchmarks.profile --amp --model "$model" --batch 256 512 \
+            part "profile ${model}" 16 $PY -m benchmarks.profile --amp --model "$model" --batch 256 512 \
                 --steps 5 --rows 12
             echo
         done
-        part "profile compiled crate_tiny_patch16_224" 24 $PY -m benchmarks.profile --amp --compile \
+        part "profile compiled crate_tiny_patch16_224" 18 $PY -m benchmarks.profile --amp --compile \
             --model crate_tiny_patch16_224 --batch 256 --steps 5 --rows 12
     } 2>&1 | tee "${stem}-profile.md"
 }
@@ -88,13 +95,19 @@ profile
 
 {
     echo "# CUDA verification on ${device}, $(date -u +%FT%TZ): torch $($PY -c 'import torch; print(torch.__version__)')"
-    part "verification: fast model, analysis" 30 env CI=1 $PY -m pytest -q -p no:cacheprovider -k cuda \
+    part "verification: fast model, analysis" 20 env CI=1 $PY -m pytest -q -p no:cacheprovider -k cuda \
         verification/test_fast_model.py tests/test_analysis.py 2>&1 | tail -n 30
     echo "## symmetric attention and every SDPA backend under the precision rule (CRATE-T/S/B head shapes)"
-    part "verification: attention" 25 env CI=1 $PY -m pytest -q -s -rs -p no:cacheprovider -k cuda \
+    part "verification: attention" 15 env CI=1 $PY -m pytest -q -s -rs -p no:cacheprovider -k cuda \
         verification/test_symmetric_attention.py 2>&1 | grep -E "forward:|passed|failed|SKIPPED|Error|== "
+    echo "## the fused Triton kernels (crate/models/mssa_kernel.py), compiled, under the precision rule"
+    part "verification: Triton kernel" 35 env CI=1 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
+        verification/test_mssa_kernel.py 2>&1 | grep -E "forward:|passed|failed|Error|== "
+    echo "## --data-pipeline gpu: nvjpeg's decoding against the cpu pipeline's"
+    part "verification: GPU data pipeline" 10 env CI=1 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
+        tests/data/test_gpu_pipeline.py 2>&1 | tail -n 15
     for family in crate alpha; do
-        part "precision table ${family}" 15 $PY -m verification.precision --device cuda --family "$family"
+        part "precision table ${family}" 10 $PY -m verification.precision --device cuda --family "$family"
     done
 } 2>&1 | tee "${stem}-verification.txt"
 

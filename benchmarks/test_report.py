@@ -135,3 +135,22 @@ def test_choices_mark_the_fastest_admissible_candidate():
         "| SDPA backend | CRATE-T | flash | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 1.0 | holds | ← |" in table
     )
     assert "| SDPA backend | CRATE-T | auto | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 1.0 | n/a |  |" in table
+
+
+def test_kernel_table_compares_each_form_with_sdpa():
+    info = dict(
+        block="MSSA attention kernel",
+        model="CRATE-T",
+        mode="train",
+        batch=256,
+        heads=6,
+        tokens=197,
+        head_dim=64,
+        milliseconds={"SDPA": 2.0, "kernel (row blocks)": 1.0},
+        tflops={"SDPA": 10.0, "kernel (row blocks)": 20.0},
+        peak_memory_mib={"SDPA": 300.0, "kernel (row blocks)": 100.0},
+    )
+    table = report.kernel_table([dict(extra_info=info)])
+    shapes = "| CRATE-T (256×6×197×64) | train"
+    assert f"{shapes} | kernel (row blocks) | 1.000 | 20.0 | 2.00 | 100 | 200 |" in table
+    assert f"{shapes} | SDPA | 2.000 | 10.0 | 1.00 | 300 | 0 |" in table

@@ -1,6 +1,8 @@
 """The layers both CRATE families share: the patch embedding of CRATE, multi-head subspace
 self-attention (MSSA), drop path. Tokens are (B, N, d) throughout."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,20 +53,39 @@ class PatchEmbed(nn.Module):
 def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
     """softmax_row(s·w_k w_kᵀ)·w_k per head: (B, K, N, p) -> (B, K, N, p), query = key = value = w.
 
-    ``fused``: F.scaled_dot_product_attention where no gradient flows or its backward is accurate,
-    else symmetric_attention; not fused, and under TorchScript and torch.export, the explicit
-    matmul-softmax path (see MSSA for why). A leaf of torch.fx traces (torch.fx.wrap), so that a
-    traced model makes this choice when it runs, as the eager one does. The autograd function stays
-    behind is_scripting (TorchScript cannot compile one) and is_exporting (an exported graph
-    differentiates plain operations only).
+    ``fused``: with CRATE_MSSA_KERNEL=1 and a gradient on CUDA, the Triton kernels of mssa_kernel.py
+    (up to 256 tokens, heads up to 64 wide, not float64); else F.scaled_dot_product_attention where no
+    gradient flows or its backward is accurate, else symmetric_attention; not fused, and under
+    TorchScript and torch.export, the explicit matmul-softmax path (see MSSA for why). A leaf of
+    torch.fx traces (torch.fx.wrap), so that a traced model makes this choice when it runs, as the
+    eager one does. The autograd functions stay behind is_scripting (TorchScript cannot compile one)
+    and is_exporting (an exported graph differentiates plain operations only).
     """
     autograd = torch.is_grad_enabled() and w.requires_grad
+    if fused and not torch.jit.is_scripting():
+        if autograd and not torch.compiler.is_exporting() and _kernel_selected(w):
+            return _kernel_attention(w, scale)
     if fused and (not autograd or _fused_backward_is_accurate(w)):
         return F.scaled_dot_product_attention(w, w, w, scale=scale)
     if fused and not torch.jit.is_scripting():
         if not torch.compiler.is_exporting():
             return symmetric_attention(w, scale)
     return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w
+
+
+KERNEL_VARIABLE = "CRATE_MSSA_KERNEL"  # =1: CUDA training through crate/models/mssa_kernel.py
+KERNEL_MAX_TOKENS, KERNEL_MAX_HEAD_DIM = 256, 64  # mssa_kernel's MAX_TOKENS and MAX_HEAD_DIM
+
+
+def _kernel_selected(w: torch.Tensor) -> bool:
+    fits = w.shape[-2] <= KERNEL_MAX_TOKENS and w.shape[-1] <= KERNEL_MAX_HEAD_DIM
+    return w.is_cuda and w.dtype != torch.float64 and fits and os.environ.get(KERNEL_VARIABLE) == "1"
+
+
+def _kernel_attention(w: torch.Tensor, scale: float) -> torch.Tensor:
+    from .mssa_kernel import fused_symmetric_attention  # needs Triton: imported only when chosen
+
+    return fused_symmetric_attention(w, scale)
 
 
 def _fused_backward_is_accurate(w: torch.Tensor) -> bool:
@@ -82,6 +103,11 @@ class MSSA(nn.Module):
     verification/test_symmetric_attention.py finds that CUDA's flash and memory-efficient kernels
     keep it in float16 and bfloat16 only; in float32, and on the CPU, their gradients break it with
     peaky attention (the measured factors and speeds: README "Using the fast model").
+    Opt-in, default off: the environment variable CRATE_MSSA_KERNEL=1 makes CUDA training (any
+    dtype but float64) run crate/models/mssa_kernel.py's fused Triton kernels instead (read at every
+    call, so a run's verification gate checks the model with them; verified under Triton's
+    interpreter on the CPU, to become the default only where a GPU run shows it keeps the rule and
+    wins).
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the
     whole width, as officially).
     """

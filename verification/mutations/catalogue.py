@@ -480,6 +480,42 @@ TARGETS = (
         ),
     ),
     Target(
+        "crate/models/mssa_kernel.py",
+        first=("test_mssa_kernel.py",),
+        mutations=(
+            Mutation(
+                "fused kernel drops the dSᵀ term",
+                "columns += _dot(tl.trans(p), do) + _dot(tl.trans(ds), w_rows) * scale",
+                "columns += _dot(tl.trans(p), do)",
+            ),
+            Mutation(
+                "fused kernel leaves padded keys unmasked",
+                'scores = tl.where(keys[None, :] < N, scores, float("-inf"))',
+                "scores = scores",
+            ),
+            Mutation(
+                "fused kernel forgets the scale of dS·W",
+                "_dot(ds, w_keys) * scale, mask=row_mask",
+                "_dot(ds, w_keys), mask=row_mask",
+            ),
+            Mutation(
+                "fused kernel's backward leaves P unnormalised",
+                "e / tl.sum(e, 1)[:, None]",
+                "e",
+            ),
+            Mutation(
+                "fused kernel's triangle skips the transposed tiles",
+                "            if j != i:",
+                "            if j < i:",
+            ),
+            Mutation(
+                "fused kernel's correction Δ = rowsum(dO ∘ O)",
+                "delta = tl.sum(p_wide * dp, 1)",
+                "delta = tl.sum(do.to(dp.dtype) * _to(_dot(p, w_keys), W.dtype.element_ty).to(dp.dtype), 1)",
+            ),
+        ),
+    ),
+    Target(
         "crate/models/recompute.py",
         first=("test_recompute.py",),
         mutations=(
