@@ -188,8 +188,18 @@ TARGETS = (
     ),
     Target(
         "crate/models/layers.py",
-        first=("test_outputs.py", "test_training_mode.py", "test_initialisation.py"),
+        first=(
+            "test_outputs.py",
+            "test_training_mode.py",
+            "test_initialisation.py",
+            "test_patch_embedding.py",
+        ),
         mutations=(
+            Mutation(
+                "fast: patch embedding not shifted",
+                "return patches - patches[..., :1]",
+                "return patches",
+            ),
             Mutation(
                 "fast: attention softmax over queries",
                 "* scale).softmax(dim=-1) @ w",
