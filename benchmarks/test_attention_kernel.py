@@ -14,14 +14,14 @@ and with which forward tiling (row blocks, or the upper triangle of S: 19% fewer
 Nothing here fails on speed; the forms are checked to compute the same function first.
 """
 
+import functools
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.test_throughput import peak_memory
+from benchmarks.test_throughput import peak_memory, rotated_rounds
 from crate.models.attention import symmetric_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run compiled on CUDA only")
@@ -68,20 +68,8 @@ def test_attention_kernel(benchmark, bench, variant, mode):
     for name, form in chosen.items():  # the same function, to bf16's rounding (|out| ≲ 1, u = 2⁻⁸)
         error = (form(w.detach(), scale).double() - reference).abs().max().item()
         assert error < 0.05, f"{name}: max abs error {error:.3g} against float64"
-        _call(form, w, scale, upstream, mode)  # warm-up (compilation)
-    names = list(chosen)
-    seconds = {name: [] for name in names}
-    rotation = [0]
-
-    def one_round():
-        start_at = rotation[0] % len(names)
-        rotation[0] += 1
-        for name in names[start_at:] + names[:start_at]:
-            start = time.perf_counter()
-            _call(chosen[name], w, scale, upstream, mode)
-            seconds[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=bench.rounds * 3, warmup_rounds=1)
+    calls = {name: functools.partial(_call, form, w, scale, upstream, mode) for name, form in chosen.items()}
+    _, seconds = rotated_rounds(benchmark, calls, rounds=bench.rounds * 3, warmup_rounds=1)  # compiles first
     memory = {}
     for name, form in chosen.items():
         with peak_memory(w.device) as measured:

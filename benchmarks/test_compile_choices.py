@@ -11,7 +11,6 @@ choices are made (eager, symmetric_attention). Nothing here fails on speed.
 """
 
 import statistics
-import time
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.test_throughput import step_function
+from benchmarks.test_throughput import rotated_rounds, step_function
 from verification.test_symmetric_attention import SDPA_BACKENDS, SIZES, explicit, sdpa, sdpa_rule_errors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the choices are the GPU's")
@@ -28,26 +27,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the 
 def interleaved(benchmark, bench, candidates: dict[str, Callable[[], None]], rounds: int) -> dict:
     """ms per call of each candidate (one call each per round, rotating), its time over the first
     candidate's per round, and its first call's seconds (a compiled one compiles there)."""
+    synchronised = {name: _synchronised(call) for name, call in candidates.items()}
+    first_call, seconds = rotated_rounds(benchmark, synchronised, rounds, warmup_rounds=1)
     names = list(candidates)
-    first_call = {}
-    for name, call in candidates.items():
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        first_call[name] = time.perf_counter() - start
-    seconds = {name: [] for name in names}
-    rotation = [0]
-
-    def one_round():
-        start_at = rotation[0] % len(names)
-        rotation[0] += 1
-        for name in names[start_at:] + names[:start_at]:
-            start = time.perf_counter()
-            candidates[name]()
-            torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1)
     first = seconds[names[0]]
     return {
         name: dict(
@@ -57,6 +39,14 @@ def interleaved(benchmark, bench, candidates: dict[str, Callable[[], None]], rou
         )
         for name, s in seconds.items()
     }
+
+
+def _synchronised(call: Callable[[], None]) -> Callable[[], None]:
+    def synchronised():
+        call()
+        torch.cuda.synchronize()
+
+    return synchronised
 
 
 def _spread(values: list[float]) -> dict[str, float]:

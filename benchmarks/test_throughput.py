@@ -10,6 +10,7 @@ fails on speed; the consistency checks (naive = fast, forms = each other) fail o
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import statistics
 import threading
 import time
@@ -116,6 +117,34 @@ def flops_per_image(model: torch.nn.Module, mode: str, bench) -> float:
             F.cross_entropy(logits, targets).backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops()) / bench.batch
+
+
+def rotated_rounds(
+    benchmark, calls: dict, rounds: int, warmup_rounds: int = 0
+) -> tuple[dict[object, float], dict[object, list[float]]]:
+    """Interleaved timing: each call once per round, the order rotating so that none always runs first
+    (a machine's slow moment falls on all alike). The calls return when their work is done (they
+    synchronise an asynchronous device themselves). Returns each call's first run's seconds (the
+    warm-up, where a compiled call compiles) and its seconds in every round."""
+    first = {}
+    for key, call in calls.items():
+        start = time.perf_counter()
+        call()
+        first[key] = time.perf_counter() - start
+    keys = list(calls)
+    seconds = {key: [] for key in keys}
+    rotation = [0]
+
+    def one_round():
+        start_at = rotation[0] % len(keys)
+        rotation[0] += 1
+        for key in keys[start_at:] + keys[:start_at]:
+            start = time.perf_counter()
+            calls[key]()
+            seconds[key].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds)
+    return first, seconds
 
 
 @contextlib.contextmanager
@@ -238,23 +267,7 @@ def test_interleaved_throughput(benchmark, bench, peak, size, mode):
         key: step_function(model, run_mode, bench, "default" if key[1] == "compiled" else None)
         for key, model in models.items()
     }
-    warm_up = {}
-    for key, step in steps.items():
-        start = time.perf_counter()
-        step()  # warm-up; a compiled step compiles here
-        warm_up[key] = time.perf_counter() - start
-    seconds = {key: [] for key in keys}
-    rotation = [0]
-
-    def one_round():
-        start_at = rotation[0] % len(keys)
-        rotation[0] += 1
-        for key in keys[start_at:] + keys[:start_at]:
-            start = time.perf_counter()
-            steps[key]()
-            seconds[key].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=bench.rounds, warmup_rounds=0)
+    warm_up, seconds = rotated_rounds(benchmark, steps, bench.rounds)  # a compiled step compiles first
     memory = {}
     for key, step in steps.items():
         with peak_memory(bench.device) as measured:
@@ -336,18 +349,8 @@ def time_forms(benchmark, bench, forms: dict[str, Form], u: torch.Tensor, weight
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
 
-    seconds = {name: [] for name in names}
-    rotation = [0]
-
-    def one_round():
-        start_at = rotation[0] % len(names)
-        rotation[0] += 1
-        for name in names[start_at:] + names[:start_at]:
-            start = time.perf_counter()
-            call(forms[name])
-            seconds[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=bench.rounds * 3, warmup_rounds=1)
+    calls = {name: functools.partial(call, forms[name]) for name in names}
+    _, seconds = rotated_rounds(benchmark, calls, rounds=bench.rounds * 3, warmup_rounds=1)
     gflops = {}
     for name, form in forms.items():
         counter = FlopCounterMode(display=False)
