@@ -107,9 +107,9 @@ def test_audit_numbers_are_the_reference_functions_on_the_layer_activations(fami
 def test_orthonormal_disjoint_heads_have_no_gap_and_no_coherence():
     Q = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64)).Q
     U = Q.T.reshape(2, 4, 8).transpose(1, 2)  # two heads spanning orthogonal halves
-    assert analysis._orthonormality_gap(U) < 1e-12
-    assert analysis._coherence(U) < 1e-12
-    assert analysis._coherence(torch.cat([U[:1], U[:1]])) == pytest.approx(1.0)
+    assert analysis.orthonormality_gap(U) < 1e-12
+    assert analysis.coherence(U) < 1e-12
+    assert analysis.coherence(torch.cat([U[:1], U[:1]])) == pytest.approx(1.0)
 
 
 @BOTH_FAMILIES

@@ -159,3 +159,14 @@ def test_the_readme_layout_lists_every_module_of_crate():
         if path.name not in ("__init__.py", "__main__.py")
     }
     assert readme_tree((ROOT / "README.md").read_text()) == modules
+
+
+LONGEST_MODULE = 500  # lines; issue 20 left the largest module under ~450
+
+
+def test_no_module_of_crate_is_longer_than_the_house_allows():
+    lengths = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    assert {path: n for path, n in lengths.items() if n > LONGEST_MODULE} == {}

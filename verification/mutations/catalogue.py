@@ -562,8 +562,8 @@ TARGETS = (
         ),
     ),
     Target(
-        "crate/analysis.py",
-        first=("test_audit.py", "test_outputs.py"),
+        "crate/analysis/measures.py",
+        first=("test_audit.py",),
         mutations=(
             Mutation(
                 "white-box subspaces interleaved",
@@ -572,8 +572,8 @@ TARGETS = (
             ),
             Mutation(
                 "white-box α: LASSO of a₁ reported after step 2",
-                "lasso_step2=_stats(reference.lasso_objective(a2, u, D, lam))",
-                "lasso_step2=_stats(reference.lasso_objective(a1, u, D, lam))",
+                "lasso_step2=stats(reference.lasso_objective(a2, u, D, lam))",
+                "lasso_step2=stats(reference.lasso_objective(a1, u, D, lam))",
             ),
             Mutation(
                 "white-box α: decoder drift against D₁ itself",
@@ -581,25 +581,9 @@ TARGETS = (
                 "decoder_drift=((D1 - D1).norm() / D.norm()).item()",
             ),
             Mutation(
-                "white-box: cls maps are the patches' attention to cls",
-                "states[0].attention[..., 1:]",
-                "states[0].attention[..., 1:, :].transpose(-2, -1)",
-            ),
-            Mutation(
-                "white-box: cls maps transposed on the grid",
-                "attention.unflatten(-1, model.patch_embed.grid_size)",
-                "attention.unflatten(-1, model.patch_embed.grid_size).transpose(-2, -1)",
-            ),
-            Mutation("white-box: patch PCA without centring", "flat = flat - flat.mean(0)", "flat = flat"),
-            Mutation(
-                "white-box: patch PCA on the last directions",
-                "components = flat @ V[:3].T",
-                "components = flat @ V[-3:].T",
-            ),
-            Mutation(
                 "white-box: compression change reversed",
-                'compression_change=_stats(compression["out"] - compression["in"])',
-                'compression_change=_stats(compression["in"] - compression["out"])',
+                'compression_change=stats(compression["out"] - compression["in"])',
+                'compression_change=stats(compression["in"] - compression["out"])',
             ),
             Mutation(
                 "white-box: raw R^c after MSSA measured on the input",
@@ -608,13 +592,13 @@ TARGETS = (
             ),
             Mutation(
                 "white-box: R^c of the input under LN₂",
-                "y_in, y_out = _layer_norm64(state.input, block.norm1)",
-                "y_in, y_out = _layer_norm64(state.input, block.norm2)",
+                "y_in, y_out = layer_norm64(state.input, block.norm1)",
+                "y_in, y_out = layer_norm64(state.input, block.norm2)",
             ),
             Mutation(
                 "white-box: sparsity of the MSSA stream",
-                "nonzero=_stats((state.ista != 0)",
-                "nonzero=_stats((state.mssa != 0)",
+                "nonzero=stats((state.ista != 0)",
+                "nonzero=stats((state.mssa != 0)",
             ),
             Mutation(
                 "white-box: η‖D‖₂ not squared",
@@ -645,7 +629,29 @@ TARGETS = (
                 "torch.linalg.eigvalsh(gram)[0]",
             ),
             Mutation(
-                "white-box α: a₂ counted as a₁", "nonzero_a1=_stats((a1 != 0)", "nonzero_a1=_stats((a2 != 0)"
+                "white-box α: a₂ counted as a₁", "nonzero_a1=stats((a1 != 0)", "nonzero_a1=stats((a2 != 0)"
+            ),
+        ),
+    ),
+    Target(
+        "crate/analysis/figures.py",
+        first=("test_outputs.py",),
+        mutations=(
+            Mutation(
+                "white-box: cls maps are the patches' attention to cls",
+                "states[0].attention[..., 1:]",
+                "states[0].attention[..., 1:, :].transpose(-2, -1)",
+            ),
+            Mutation(
+                "white-box: cls maps transposed on the grid",
+                "attention.unflatten(-1, model.patch_embed.grid_size)",
+                "attention.unflatten(-1, model.patch_embed.grid_size).transpose(-2, -1)",
+            ),
+            Mutation("white-box: patch PCA without centring", "flat = flat - flat.mean(0)", "flat = flat"),
+            Mutation(
+                "white-box: patch PCA on the last directions",
+                "components = flat @ V[:3].T",
+                "components = flat @ V[-3:].T",
             ),
         ),
     ),
