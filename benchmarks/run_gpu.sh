@@ -3,14 +3,15 @@
 # cannot eat the rest (the limits sum to 480 s):
 #   1. the benchmarks (batch 256, bf16 autocast), eager and compiled training rows of CRATE, CRATE-α
 #      and ViT, with the issue-22 goals, and the data rows (--data-pipeline cpu and gpu, end to end
-#      on an ImageNet-shaped JPEG folder), stored in the history (`make bench-compare`)      255 s
+#      on an ImageNet-shaped JPEG folder, the gpu pipeline between the steps and prefetched), stored
+#      in the history (`make bench-compare`)                                                 255 s
 #   2. the choices: the fused Triton kernel's block against SDPA and symmetric_attention
 #      (benchmarks/test_attention_kernel.py), then SDPA backends at N = 197, the optimizer step,
 #      torch.compile's modes (benchmarks/test_compile_choices.py); written as each finishes   75 s
 #   3. the profile: batch 256 against 512, GPU kernel time against wall time (launch-bound?)  50 s
 #   4. the CUDA verification: both families, TF32 included; symmetric attention and every
 #      SDPA backend at CRATE-T/S/B head shapes, the Triton kernel compiled, under the precision
-#      rule; nvjpeg against the cpu pipeline; the precision tables                           100 s
+#      rule; nvjpeg against the cpu pipeline, prefetched on a side stream; the precision tables 100 s
 # Everything goes to benchmarks/results/ named with the device and the date: <stem>.json, and .md (the
 # report of 1 and 2: tables, choices, goals met or missed), <stem>-choices.json, <stem>-profile.md,
 # <stem>-verification.txt (and <stem>-partial.json: what finished of 1 if its limit stopped it,
@@ -26,7 +27,9 @@
 # runs 26 s. 1: that set without its torch.compile option (~70 s) plus 7 compiled training steps
 # (CRATE, ViT at T/S/B, CRATE-α-B/16) at ~20 s of compiling each (~140 s) and their timed rounds
 # (their FLOPs ≈ the eager rows', ~1 PFLOP over 10 rounds at batch 256: ~5 s): ~215 s, and the data
-# rows (a 3,072-image folder made on 16 cores ~5 s, end to end ~20 s per recipe): ~45 s. 2: the kernel
+# rows (a 3,072-image folder made on 16 cores ~5 s, end to end ~20 s per recipe: 3 rounds of 45
+# CRATE-B steps at ~0.06 s, synthetic, synchronous and prefetched input 15 each, as the 44 of the two
+# inputs before, plus start-up): ~45 s. 2: the kernel
 # block (5 forms × 3 sizes × forward/train, Triton compiles ~2 s per kernel and shape): ~20 s; SDPA at three
 # shapes (~0.1 TFLOP per call, 6 candidates × 16 calls: ~5 s), the optimizer compiled once (~20 s),
 # then the modes, cheapest first: default (in the compile cache from 1: ~10 s per size), reduce-overhead
@@ -103,9 +106,9 @@ profile
     echo "## the fused Triton kernels (crate/models/mssa_kernel.py), compiled, under the precision rule"
     part "verification: Triton kernel" 35 env CI=1 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
         verification/test_mssa_kernel.py 2>&1 | grep -E "forward:|passed|failed|Error|== "
-    echo "## --data-pipeline gpu: nvjpeg's decoding against the cpu pipeline's"
+    echo "## --data-pipeline gpu: nvjpeg's decoding against the cpu pipeline's, prefetched on a side stream"
     part "verification: GPU data pipeline" 10 env CI=1 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
-        tests/data/test_gpu_pipeline.py 2>&1 | tail -n 15
+        tests/data/test_gpu_pipeline.py tests/data/test_prefetch.py 2>&1 | tail -n 15
     for family in crate alpha; do
         part "precision table ${family}" 10 $PY -m verification.precision --device cuda --family "$family"
     done

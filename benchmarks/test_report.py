@@ -154,3 +154,20 @@ def test_kernel_table_compares_each_form_with_sdpa():
     shapes = "| CRATE-T (256×6×197×64) | train"
     assert f"{shapes} | kernel (row blocks) | 1.000 | 20.0 | 2.00 | 100 | 200 |" in table
     assert f"{shapes} | SDPA | 2.000 | 10.0 | 1.00 | 300 | 0 |" in table
+
+
+def test_end_to_end_rows_give_each_folder_input_against_synthetic():
+    info = dict(
+        pipeline_recipe="paper (crop + flip)",
+        end_to_end_model="crate_base_patch16_224",
+        device="NVIDIA H100",
+        batch=256,
+        loader_workers=16,
+        end_to_end_images_per_s=dict(synthetic=SPREAD, synchronous=SPREAD, prefetched=SPREAD),
+        over_synthetic=dict(synchronous=dict(min=0.8, median=0.85, max=0.87), prefetched=SPREAD),
+        goal_met=dict(synchronous=False, prefetched=True),
+    )
+    table = report.pipeline_table([dict(extra_info=info)])
+    assert "| synthetic input, on the device | 2 (1–3) | 1 |  |" in table
+    assert "between the steps | 2 (1–3) | 0.85 (0.80–0.87) | MISSED |" in table
+    assert "(a thread; CUDA: a side stream) | 2 (1–3) | 2.00 (1.00–3.00) | met |" in table

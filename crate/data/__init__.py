@@ -1,7 +1,7 @@
 """Data: the built-in datasets (builtin.py), any dataset by name (datasets.py), what a model reads
 (transforms.py), which samples a process reads in which order (samplers.py), and --data-pipeline gpu:
 workers that read encoded images (encoded.py), decoded and augmented on the device (gpu_pipeline.py,
-rand_augment.py)."""
+rand_augment.py), one batch ahead of the training step (prefetch.py)."""
 
 from .builtin import (
     FASHION_MNIST_CLASSES,
@@ -22,6 +22,7 @@ from .datasets import (
 )
 from .encoded import EncodedBatch, EncodedImages, collate_encoded, encoded_images
 from .gpu_pipeline import DevicePipeline, UnsupportedAugmentationError
+from .prefetch import prefetched
 from .samplers import ResumableSampler, SeededSamples, ShardSampler, first, sample
 from .transforms import eval_transform, prepare, train_transform
 
@@ -49,6 +50,7 @@ __all__ = [
     "is_dataset_name",
     "open_dataset",
     "open_split",
+    "prefetched",
     "prepare",
     "read_idx",
     "sample",

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import analysis
+from .. import analysis, data
 from ..models import CRATE
 from ..runtime import precision_name, progress_interval
 from ..weights import checkpoint
@@ -61,36 +61,37 @@ def _train(run: Run) -> dict:
         with StopSignals() as signals:
             while run.step < run.session_end:
                 tick = time.perf_counter()
-                for micro_batches in epoch_steps(run):
-                    loss, applied, stop = optimizer_step(run, micro_batches, signals.received is not None)
-                    progress.update(1)
-                    if run.step == first_step + 1:
-                        first_step_end = time.perf_counter()
-                        if run.distributed.is_main:
-                            _log_first_step(run, first_step_end - steps_start)
-                    if run.step % run.config.log_every == 0 or run.step == run.session_end:
-                        _log_step(run, loss, tick, progress)
-                        tick = time.perf_counter()
-                    if run.step == first_step + run.config.log_every and run.distributed.is_main:
-                        _log_estimate(run, first_step, steps_start, first_step_end)
-                    if not applied and run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
-                        save_checkpoint(run)
-                        raise NonFiniteStepsError(
-                            f"{run.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
-                            f"gradient (up to step {run.step}); the last good weights are in "
-                            f"{checkpoint.step_folder(run.output, run.step)}"
-                        )
-                    if stop and run.step < run.total_steps:
-                        save_checkpoint(run)
-                        raise PreemptedError(
-                            f"stopped at step {run.step} on a stop signal; checkpoint "
-                            f"{checkpoint.step_folder(run.output, run.step)}: rerun with --resume"
-                        )
-                    if checkpoint_due(run):
-                        save_checkpoint(run)
-                    if evaluation_due(run):
-                        result = evaluate(run, start_time)
-                        progress.write(run.objective.summary(result))
+                with contextlib.closing(epoch_steps(run)) as steps:  # closed on an exception too
+                    for micro_batches in steps:
+                        loss, applied, stop = optimizer_step(run, micro_batches, signals.received is not None)
+                        progress.update(1)
+                        if run.step == first_step + 1:
+                            first_step_end = time.perf_counter()
+                            if run.distributed.is_main:
+                                _log_first_step(run, first_step_end - steps_start)
+                        if run.step % run.config.log_every == 0 or run.step == run.session_end:
+                            _log_step(run, loss, tick, progress)
+                            tick = time.perf_counter()
+                        if run.step == first_step + run.config.log_every and run.distributed.is_main:
+                            _log_estimate(run, first_step, steps_start, first_step_end)
+                        if not applied and run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
+                            save_checkpoint(run)
+                            raise NonFiniteStepsError(
+                                f"{run.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                f"gradient (up to step {run.step}); the last good weights are in "
+                                f"{checkpoint.step_folder(run.output, run.step)}"
+                            )
+                        if stop and run.step < run.total_steps:
+                            save_checkpoint(run)
+                            raise PreemptedError(
+                                f"stopped at step {run.step} on a stop signal; checkpoint "
+                                f"{checkpoint.step_folder(run.output, run.step)}: rerun with --resume"
+                            )
+                        if checkpoint_due(run):
+                            save_checkpoint(run)
+                        if evaluation_due(run):
+                            result = evaluate(run, start_time)
+                            progress.write(run.objective.summary(result))
     finally:
         progress.close()
         if run.metrics_file:
@@ -109,7 +110,8 @@ def _train(run: Run) -> dict:
 
 # -- one optimizer step with its guards --------------------------------------------------------------
 def epoch_steps(run: Run) -> Iterator[list]:
-    """The current epoch's remaining optimizer steps, each a list of --accum-steps micro-batches."""
+    """The current epoch's remaining optimizer steps, each a list of --accum-steps micro-batches' inputs
+    (images and targets on the device, prepared before the step starts)."""
     epoch, batch_in_epoch = divmod(run.step, run.steps_per_epoch)
     if run.sampler is not None:
         run.sampler.set_epoch(epoch, batch_in_epoch)
@@ -118,25 +120,40 @@ def epoch_steps(run: Run) -> Iterator[list]:
     getattr(run.train_set, "set_epoch", lambda e: None)(epoch)
     run.loader.generator.manual_seed(hash((run.config.seed, epoch, run.distributed.rank)) % 2**63)
     run.model.train()
-    micro_batches = iter(run.loader)
-    for _ in range(min(run.steps_per_epoch - batch_in_epoch, run.session_end - run.step)):
-        step_batches = list(itertools.islice(micro_batches, run.config.accum_steps))
-        if len(step_batches) < run.config.accum_steps:  # a stream may yield fewer batches than an epoch's
-            return
-        yield step_batches
+    steps = min(run.steps_per_epoch - batch_in_epoch, run.session_end - run.step)
+    batches = itertools.islice(run.loader, steps * run.config.accum_steps)  # none read beyond them
+    with contextlib.closing(micro_batch_inputs(run, batches)) as micro_batches:
+        for _ in range(steps):
+            step_inputs = list(itertools.islice(micro_batches, run.config.accum_steps))
+            if len(step_inputs) < run.config.accum_steps:  # a stream may yield fewer batches than an epoch's
+                return
+            yield step_inputs
+
+
+def micro_batch_inputs(run: Run, batches: Iterator) -> Iterator:
+    """Each batch's (images, targets) on the device, None for a batch of unreadable images only; with
+    ``run.prefetch`` each prepared in a thread while the step before runs (crate/data/prefetch.py)."""
+
+    def inputs(batch):
+        return None if batch is None else run.inputs(batch)
+
+    if run.prefetch:
+        return data.prefetched(batches, inputs, run.distributed.device)
+    return (inputs(batch) for batch in batches)
 
 
 def optimizer_step(run: Run, micro_batches: list, stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
-    """Forward and backward over one step's micro-batches, then the optimizer, schedule and EMA update,
-    unless the loss or a gradient is NaN or inf on any rank: then every rank skips the update alike.
-    Returns (mean loss, whether the update was applied, whether any rank was asked to stop)."""
+    """Forward and backward over one step's micro-batches (each (images, targets) on the device, or None
+    when all its images were unreadable), then the optimizer, schedule and EMA update, unless the loss
+    or a gradient is NaN or inf on any rank: then every rank skips the update alike. Returns (mean
+    loss, whether the update was applied, whether any rank was asked to stop)."""
     config, device = run.config, run.distributed.device
     loss = torch.zeros((), device=device)
-    for index, batch in enumerate(micro_batches):
-        if batch is None:  # every image of the micro-batch was unreadable
+    for index, inputs in enumerate(micro_batches):
+        if inputs is None:  # every image of the micro-batch was unreadable
             run.skipped_images += run.micro_batch
             continue
-        images, targets = run.inputs(batch)
+        images, targets = inputs
         run.skipped_images += run.micro_batch - len(targets)
         if not len(targets):  # every JPEG of the micro-batch failed to decode on the device
             continue

@@ -56,6 +56,7 @@ class Run:
     test_loader: DataLoader
     micro_batch: int  # images per rank per forward pass
     inputs: Callable  # a batch -> (images, targets) on the device (--data-pipeline gpu: decoded there)
+    prefetch: bool  # inputs prepared in a thread while the step before runs (crate/data/prefetch.py)
     steps_per_epoch: int
     total_steps: int  # the run's planned steps: its epochs, or --max-steps when fewer
     session_end: int  # the step this session stops at: total_steps, or --stop-after when sooner
@@ -151,6 +152,7 @@ def set_up(config: TrainConfig) -> Run:
         test_loader=test_loader,
         micro_batch=micro_batch,
         inputs=batch_inputs(train_set, device),
+        prefetch=prefetches(train_set, device),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         session_end=min(total_steps, config.stop_after or total_steps),
@@ -316,6 +318,14 @@ def batch_inputs(train_set: Dataset, device: torch.device) -> Callable:
     if encoded is not None:
         return lambda batch: encoded.inputs(batch, device)
     return lambda batch: (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+
+
+def prefetches(train_set: Dataset, device: torch.device) -> bool:
+    """Whether each batch's inputs are prepared while the step before runs: with --data-pipeline gpu on
+    CUDA, where decoding and augmenting the batch is the training process's own work and overlaps the
+    step on a side stream. With the cpu pipeline a batch's inputs are a copy to the device, and on a
+    CPU device the thread would take the step's own cores."""
+    return device.type == "cuda" and data.encoded_images(train_set) is not None
 
 
 def build_model(
