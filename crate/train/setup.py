@@ -25,7 +25,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.data import DataLoader, Dataset
 
 from .. import data
-from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed
+from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed, uses_bf16
 from ..weights import checkpoint, sources
 from .compiled import compiles, forward_loss, takes_fused
 from .config import SESSION_OPTIONS, ConfigError, TrainConfig
@@ -79,15 +79,28 @@ class Run:
         return self.objective.criterion
 
 
+def check_sdpa_backend(backend: str, device: torch.device, amp: bool) -> None:
+    """Refuse, before any work, an SDPA backend that cannot run this run's attention: cudnn, flash and
+    efficient are CUDA kernels, and cudnn's and flash's take fp16/bf16 only (PyTorch's
+    check_dtypes_low_precision), so a float32 CUDA run (--no-amp) gets efficient, math or auto."""
+    if backend in ("auto", "math"):
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"--sdpa-backend {backend} is a CUDA kernel and this run is on {device}: use auto or math"
+        )
+    if backend in ("cudnn", "flash") and not uses_bf16(device, amp):
+        raise ConfigError(
+            f"--sdpa-backend {backend} takes bf16 or fp16 only and this run computes in float32 (--no-amp): "
+            "use efficient, math or auto, or train under bf16 autocast (drop --no-amp)"
+        )
+
+
 def set_up(config: TrainConfig) -> Run:
     """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
     distributed = setup_distributed()
     device = distributed.device
-    if config.sdpa_backend not in ("auto", "math") and device.type != "cuda":
-        raise ConfigError(
-            f"--sdpa-backend {config.sdpa_backend} is a CUDA kernel and this run is on {device}: "
-            "use auto or math"
-        )
+    check_sdpa_backend(config.sdpa_backend, device, config.amp)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations
     output = Path(config.output)

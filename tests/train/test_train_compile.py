@@ -20,7 +20,7 @@ from crate import CRATE
 from crate.runtime import cpu_has_native_bf16
 from crate.train import ConfigError, resolve_config, train
 from crate.train.compiled import compiles, forward_loss
-from crate.train.setup import set_fused
+from crate.train.setup import check_sdpa_backend, set_fused
 from tests.helpers import fast_config
 
 STEPS = 3
@@ -100,6 +100,32 @@ def test_bad_compile_mode_and_sdpa_backend_are_explained(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--sdpa-backend flash is a CUDA kernel"):
             train(fast_config(tmp_path, "--sdpa-backend", "flash", "--max-steps", "1"))
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("amp", [True, False], ids=["bf16", "float32"])
+@pytest.mark.parametrize("backend", ["auto", "math", "efficient", "cudnn", "flash"])
+def test_sdpa_backends_are_refused_where_pytorch_cannot_run_them(backend, amp):
+    """The truth table of check_sdpa_backend, a pure function of (backend, device, precision): on a CPU
+    only auto and math; on CUDA every backend under bf16 autocast, and in float32 all but cudnn and
+    flash (PyTorch's kernels for them take fp16/bf16 only)."""
+    cpu_ok = backend in ("auto", "math")
+    cuda_ok = amp or backend not in ("cudnn", "flash")
+    for device, ok in ((torch.device("cpu"), cpu_ok), (CUDA, cuda_ok)):
+        if ok:
+            check_sdpa_backend(backend, device, amp)
+        else:
+            with pytest.raises(ConfigError, match=f"--sdpa-backend {backend} .*: use "):
+                check_sdpa_backend(backend, device, amp)
+
+
+def test_a_float32_cuda_run_is_told_which_backends_it_can_pin():
+    with pytest.raises(
+        ConfigError, match=r"takes bf16 or fp16 only .*float32 \(--no-amp\): use efficient, math or auto"
+    ):
+        check_sdpa_backend("flash", CUDA, amp=False)
 
 
 def _opening(caplog) -> list[str]:

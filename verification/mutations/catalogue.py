@@ -761,8 +761,13 @@ TARGETS = (
     ),
     Target(
         "crate/train/setup.py",
-        first=("test_train.py", "test_finetune.py"),
+        first=("test_train.py", "test_finetune.py", "test_train_compile.py"),
         mutations=(
+            Mutation(
+                "train: cudnn SDPA pinned in a float32 CUDA run",
+                'if backend in ("cudnn", "flash") and not uses_bf16(device, amp):',
+                'if backend in ("flash",) and not uses_bf16(device, amp):',
+            ),
             Mutation(
                 "training: lr not scaled to the global batch",
                 "lr = config.lr * config.batch_size / config.lr_batch",
