@@ -764,7 +764,7 @@ TARGETS = (
         first=("test_train.py", "test_finetune.py", "test_train_compile.py"),
         mutations=(
             Mutation(
-                "train: cudnn SDPA pinned in a float32 CUDA run",
+                "training: cudnn SDPA pinned in a float32 CUDA run",
                 'if backend in ("cudnn", "flash") and not uses_bf16(device, amp):',
                 'if backend in ("flash",) and not uses_bf16(device, amp):',
             ),
