@@ -26,6 +26,12 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+# The kernels PyTorch has for each device type, and whether each takes fp16/bf16 only (cuDNN's and
+# flash's CUDA kernels: check_dtypes_low_precision); a device type not named here has math only
+SDPA_KERNELS = {
+    "cuda": {"cudnn": True, "flash": True, "efficient": False, "math": False},
+    "cpu": {"flash": False, "math": False},
+}
 
 
 def compiles(setting: bool | None, device: torch.device) -> bool:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import data
 from ..runtime import Distributed, autocast, keep_freed_memory, seed_everything, setup_distributed, uses_bf16
 from ..weights import checkpoint, sources
-from .compiled import compiles, forward_loss, takes_fused
+from .compiled import SDPA_KERNELS, compiles, forward_loss, takes_fused
 from .config import SESSION_OPTIONS, ConfigError, TrainConfig
 from .objective import Classification, Reconstruction, is_masked_autoencoder, make_objective
 from .objective import make_loss as make_loss  # where crate/demo.py imports it from
@@ -79,28 +79,28 @@ class Run:
         return self.objective.criterion
 
 
-def check_sdpa_backend(backend: str, device: torch.device, amp: bool) -> None:
-    """Refuse, before any work, an SDPA backend that cannot run this run's attention: cudnn, flash and
-    efficient are CUDA kernels, and cudnn's and flash's take fp16/bf16 only (PyTorch's
-    check_dtypes_low_precision), so a float32 CUDA run (--no-amp) gets efficient, math or auto."""
-    if backend in ("auto", "math"):
+def check_sdpa_backend(backend: str, device: torch.device, bf16: bool) -> None:
+    """Refuse, before any work, an SDPA backend that PyTorch has no kernel for on this device in this
+    precision (SDPA_KERNELS): cudnn and efficient are CUDA kernels, and cudnn's and flash's CUDA
+    kernels take fp16/bf16 only, so a float32 CUDA run (--no-amp) gets efficient, math or auto."""
+    kernels = SDPA_KERNELS.get(device.type, {"math": False})
+    runnable = [name for name, low_precision_only in kernels.items() if bf16 or not low_precision_only]
+    if backend == "auto" or backend in runnable:
         return
-    if device.type != "cuda":
+    use = f"use {', '.join(runnable)} or auto"
+    if backend in kernels:
         raise ConfigError(
-            f"--sdpa-backend {backend} is a CUDA kernel and this run is on {device}: use auto or math"
+            f"--sdpa-backend {backend} takes bf16 or fp16 only on {device.type} and this run computes in "
+            f"float32 (--no-amp): {use}, or train under bf16 autocast (drop --no-amp)"
         )
-    if backend in ("cudnn", "flash") and not uses_bf16(device, amp):
-        raise ConfigError(
-            f"--sdpa-backend {backend} takes bf16 or fp16 only and this run computes in float32 (--no-amp): "
-            "use efficient, math or auto, or train under bf16 autocast (drop --no-amp)"
-        )
+    raise ConfigError(f"--sdpa-backend {backend} has no kernel on {device.type}: {use}")
 
 
 def set_up(config: TrainConfig) -> Run:
     """Processes, model, data, optimizer and schedule; restored from the newest checkpoint when resuming."""
     distributed = setup_distributed()
     device = distributed.device
-    check_sdpa_backend(config.sdpa_backend, device, config.amp)
+    check_sdpa_backend(config.sdpa_backend, device, uses_bf16(device, config.amp))
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations
     output = Path(config.output)

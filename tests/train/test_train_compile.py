@@ -15,11 +15,12 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crate import CRATE
 from crate.runtime import cpu_has_native_bf16
 from crate.train import ConfigError, resolve_config, train
-from crate.train.compiled import compiles, forward_loss
+from crate.train.compiled import SDPA_BACKENDS, compiles, forward_loss, sdpa_backend
 from crate.train.setup import check_sdpa_backend, set_fused
 from tests.helpers import fast_config
 
@@ -98,34 +99,57 @@ def test_bad_compile_mode_and_sdpa_backend_are_explained(tmp_path):
     with pytest.raises(ConfigError, match="--sdpa-backend must be auto or one of cudnn, flash"):
         resolve_config(["--sdpa-backend", "triton"])
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="--sdpa-backend flash is a CUDA kernel"):
-            train(fast_config(tmp_path, "--sdpa-backend", "flash", "--max-steps", "1"))
+        refusal = "--sdpa-backend cudnn has no kernel on cpu: use flash, math or auto"
+        with pytest.raises(ConfigError, match=refusal):
+            train(fast_config(tmp_path, "--sdpa-backend", "cudnn", "--max-steps", "1"))
+
+
+def _sdpa_runs(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether PyTorch itself runs attention forward and backward with only this backend allowed."""
+    tokens = torch.randn(2, 3, 17, 8, device=device, dtype=dtype, requires_grad=True)
+    try:
+        with sdpa_backend(backend):
+            F.scaled_dot_product_attention(tokens, tokens, tokens).sum().backward()
+    except RuntimeError:
+        return False
+    return True
 
 
 CUDA = torch.device("cuda")
+DEVICES = [
+    torch.device("cpu"),
+    pytest.param(CUDA, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
 
 
-@pytest.mark.parametrize("amp", [True, False], ids=["bf16", "float32"])
-@pytest.mark.parametrize("backend", ["auto", "math", "efficient", "cudnn", "flash"])
-def test_sdpa_backends_are_refused_where_pytorch_cannot_run_them(backend, amp):
-    """The truth table of check_sdpa_backend, a pure function of (backend, device, precision): on a CPU
-    only auto and math; on CUDA every backend under bf16 autocast, and in float32 all but cudnn and
-    flash (PyTorch's kernels for them take fp16/bf16 only)."""
-    cpu_ok = backend in ("auto", "math")
-    cuda_ok = amp or backend not in ("cudnn", "flash")
-    for device, ok in ((torch.device("cpu"), cpu_ok), (CUDA, cuda_ok)):
-        if ok:
-            check_sdpa_backend(backend, device, amp)
-        else:
-            with pytest.raises(ConfigError, match=f"--sdpa-backend {backend} .*: use "):
-                check_sdpa_backend(backend, device, amp)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+@pytest.mark.parametrize("backend", list(SDPA_BACKENDS))
+@pytest.mark.parametrize("device", DEVICES, ids=["cpu", "cuda"])
+def test_sdpa_backends_are_refused_exactly_where_pytorch_cannot_run_them(device, backend, dtype):
+    """check_sdpa_backend's verdict against PyTorch's own: a backend passes the check on a device in a
+    precision if and only if scaled_dot_product_attention runs there with only that backend allowed
+    (torch 2.14 on a CPU: flash and math, in any precision)."""
+    runs = _sdpa_runs(backend, device, dtype)
+    if runs:
+        check_sdpa_backend(backend, device, bf16=dtype == torch.bfloat16)
+    else:
+        with pytest.raises(ConfigError, match=f"--sdpa-backend {backend} .*: use "):
+            check_sdpa_backend(backend, device, bf16=dtype == torch.bfloat16)
 
 
-def test_a_float32_cuda_run_is_told_which_backends_it_can_pin():
-    with pytest.raises(
-        ConfigError, match=r"takes bf16 or fp16 only .*float32 \(--no-amp\): use efficient, math or auto"
-    ):
-        check_sdpa_backend("flash", CUDA, amp=False)
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "float32"])
+@pytest.mark.parametrize("backend", ["auto", *SDPA_BACKENDS])
+def test_cuda_backends_follow_pytorchs_dtype_rule(backend, bf16):
+    """The CUDA rows, checked without a GPU: every backend under bf16 autocast, and in float32 all but
+    cudnn and flash, whose CUDA kernels take fp16/bf16 only (PyTorch's check_dtypes_low_precision)."""
+    if bf16 or backend not in ("cudnn", "flash"):
+        check_sdpa_backend(backend, CUDA, bf16)
+    else:
+        with pytest.raises(
+            ConfigError,
+            match=rf"{backend} takes bf16 or fp16 only on cuda .*\(--no-amp\): use efficient, math or auto",
+        ):
+            check_sdpa_backend(backend, CUDA, bf16)
 
 
 def _opening(caplog) -> list[str]:

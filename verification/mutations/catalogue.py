@@ -760,14 +760,25 @@ TARGETS = (
         ),
     ),
     Target(
-        "crate/train/setup.py",
-        first=("test_train.py", "test_finetune.py", "test_train_compile.py"),
+        "crate/train/compiled.py",
+        first=("test_train_compile.py",),
         mutations=(
             Mutation(
                 "training: cudnn SDPA pinned in a float32 CUDA run",
-                'if backend in ("cudnn", "flash") and not uses_bf16(device, amp):',
-                'if backend in ("flash",) and not uses_bf16(device, amp):',
+                '"cuda": {"cudnn": True,',
+                '"cuda": {"cudnn": False,',
             ),
+            Mutation(
+                "training: efficient SDPA let through on a CPU",
+                '"cpu": {"flash": False, "math": False},',
+                '"cpu": {"flash": False, "efficient": False, "math": False},',
+            ),
+        ),
+    ),
+    Target(
+        "crate/train/setup.py",
+        first=("test_train.py", "test_finetune.py", "test_train_compile.py"),
+        mutations=(
             Mutation(
                 "training: lr not scaled to the global batch",
                 "lr = config.lr * config.batch_size / config.lr_batch",
