@@ -264,7 +264,8 @@ def goals_table(benchmarks: list[dict]) -> str:
 
 def choices_table(benchmarks: list[dict]) -> str:
     """The measurements that choose a setting (benchmarks/test_compile_choices.py): each candidate's
-    time (and, for SDPA, whether it keeps the precision rule); the choice is the fastest that may run."""
+    time (and, for SDPA and the kernel's tiles, whether it keeps the precision rule), and the candidates
+    that do not run and why; the choice is the fastest that may run."""
     lines = [
         "| choice | shapes | candidate | ms per step median (min–max) | over the first candidate "
         "| first call s | rule | chosen |",
@@ -283,6 +284,8 @@ def choices_table(benchmarks: list[dict]) -> str:
                 f"{_range(entry['time_over_first'])} | {'n/a' if first is None else f'{first:.1f}'} | "
                 f"{rule} | {'←' if name == chosen else ''} |"
             )
+        for name, why in info.get("unavailable", {}).items():
+            lines.append(f"| {info['choice']} | {info['shapes']} | {name} | does not run: {why} | | | | |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -4,14 +4,15 @@
 #   1. the benchmarks (batch 256, bf16 autocast), eager and compiled training rows of CRATE, CRATE-α
 #      and ViT, with the issue-22 goals, and the data rows (--data-pipeline cpu and gpu, end to end
 #      on an ImageNet-shaped JPEG folder, the gpu pipeline between the steps and prefetched), stored
-#      in the history (`make bench-compare`)                                                 255 s
-#   2. the choices: the fused Triton kernel's block against SDPA and symmetric_attention
-#      (benchmarks/test_attention_kernel.py), then SDPA backends at N = 197, the optimizer step,
-#      torch.compile's modes (benchmarks/test_compile_choices.py); written as each finishes   75 s
+#      in the history (`make bench-compare`)                                                 241 s
+#   2. the choices: the fused Triton kernel's block against SDPA and symmetric_attention, and its
+#      tile sweep (benchmarks/test_attention_kernel.py), then SDPA backends at N = 197, the
+#      optimizer step, torch.compile's modes (benchmarks/test_compile_choices.py); written as each
+#      finishes                                                                             100 s
 #   3. the profile: batch 256 against 512, GPU kernel time against wall time (launch-bound?)  50 s
 #   4. the CUDA verification: both families, TF32 included; symmetric attention and every
 #      SDPA backend at CRATE-T/S/B head shapes, the Triton kernel compiled, under the precision
-#      rule; nvjpeg against the cpu pipeline, prefetched on a side stream; the precision tables 100 s
+#      rule; nvjpeg against the cpu pipeline, prefetched on a side stream; the precision tables  89 s
 # Everything goes to benchmarks/results/ named with the device and the date: <stem>.json, and .md (the
 # report of 1 and 2: tables, choices, goals met or missed), <stem>-choices.json, <stem>-profile.md,
 # <stem>-verification.txt (and <stem>-partial.json: what finished of 1 if its limit stopped it,
@@ -30,7 +31,9 @@
 # rows (a 3,072-image folder made on 16 cores ~5 s, end to end ~20 s per recipe: 3 rounds of 45
 # CRATE-B steps at ~0.06 s, synthetic, synchronous and prefetched input 15 each, as the 44 of the two
 # inputs before, plus start-up): ~45 s. 2: the kernel
-# block (5 forms × 3 sizes × forward/train, Triton compiles ~2 s per kernel and shape): ~20 s; SDPA at three
+# block (5 forms × 3 sizes × forward/train, Triton compiles ~2 s per kernel and shape): ~20 s; the tile
+# sweep (16 launch shapes at CRATE-B, 13 not compiled before: ~26 s, the rule checks and timed rounds
+# ~5 s): ~30 s; SDPA at three
 # shapes (~0.1 TFLOP per call, 6 candidates × 16 calls: ~5 s), the optimizer compiled once (~20 s),
 # then the modes, cheapest first: default (in the compile cache from 1: ~10 s per size), reduce-overhead
 # (~25 s per size), max-autotune-no-cudagraphs (a minute or more per size: the limit may stop it; what
@@ -64,11 +67,11 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit; a failure or a
     echo "== $name: $((SECONDS - start)) s (limit ${limit} s)"
 }
 
-part benchmarks 255 $PY -m pytest -q benchmarks --ignore=benchmarks/test_compile_choices.py \
+part benchmarks 241 $PY -m pytest -q benchmarks --ignore=benchmarks/test_compile_choices.py \
     --ignore=benchmarks/test_attention_kernel.py --bench-rounds 10 \
     --durations=12 --benchmark-json="${stem}.json" --benchmark-autosave --benchmark-storage=file://benchmarks/history \
     --results-json="${stem}-partial.json"
-part choices 75 $PY -m pytest -q -s benchmarks/test_attention_kernel.py benchmarks/test_compile_choices.py \
+part choices 100 $PY -m pytest -q -s benchmarks/test_attention_kernel.py benchmarks/test_compile_choices.py \
     --bench-rounds 5 \
     --results-json="${stem}-choices.json"
 reports=()
@@ -98,7 +101,7 @@ profile
 
 {
     echo "# CUDA verification on ${device}, $(date -u +%FT%TZ): torch $($PY -c 'import torch; print(torch.__version__)')"
-    part "verification: fast model, analysis" 20 env CI=1 $PY -m pytest -q -p no:cacheprovider -k cuda \
+    part "verification: fast model, analysis" 15 env CI=1 $PY -m pytest -q -p no:cacheprovider -k cuda \
         verification/test_fast_model.py tests/test_analysis.py 2>&1 | tail -n 30
     echo "## symmetric attention and every SDPA backend under the precision rule (CRATE-T/S/B head shapes)"
     part "verification: attention" 15 env CI=1 $PY -m pytest -q -s -rs -p no:cacheprovider -k cuda \
@@ -110,7 +113,7 @@ profile
     part "verification: GPU data pipeline" 10 env CI=1 $PY -m pytest -q -s -p no:cacheprovider -k cuda \
         tests/data/test_gpu_pipeline.py tests/data/test_prefetch.py 2>&1 | tail -n 15
     for family in crate alpha; do
-        part "precision table ${family}" 10 $PY -m verification.precision --device cuda --family "$family"
+        part "precision table ${family}" 7 $PY -m verification.precision --device cuda --family "$family"
     done
 } 2>&1 | tee "${stem}-verification.txt"
 

@@ -53,7 +53,7 @@ def _spread(values: list[float]) -> dict[str, float]:
     return dict(min=min(values), median=statistics.median(values), max=max(values))
 
 
-def _fastest(candidates: dict, admissible=lambda name: True) -> str | None:
+def fastest(candidates: dict, admissible=lambda name: True) -> str | None:
     names = [name for name in candidates if admissible(name)]
     return min(names, key=lambda name: candidates[name]["milliseconds"]["median"], default=None)
 
@@ -102,7 +102,7 @@ def test_sdpa_backends(benchmark, bench, size):
         shapes=f"CRATE-{size[0].upper()}: {batch}×{heads}×{tokens}×{head_dim}, bf16, forward+backward",
         candidates=measured,
         unavailable={name: why for name, why in holds.items() if not isinstance(why, bool)},
-        chosen=_fastest(measured, lambda name: measured[name]["holds"] is True),
+        chosen=fastest(measured, lambda name: measured[name]["holds"] is True),
     )
 
 
@@ -133,7 +133,7 @@ def test_optimizer_step(benchmark, bench, name):
         choice="optimizer step (AdamW)",
         shapes=f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
         candidates=measured,
-        chosen=_fastest(measured),
+        chosen=fastest(measured),
     )
 
 
@@ -172,5 +172,5 @@ def test_compile_modes(benchmark, bench, size, mode):
         choice="torch.compile mode",
         shapes=f"CRATE-{size[0].upper()} train step, batch {bench.batch}",
         candidates=measured,
-        chosen=_fastest(measured),
+        chosen=fastest(measured),
     )

@@ -128,6 +128,7 @@ def test_choices_mark_the_fastest_admissible_candidate():
         choice="SDPA backend",
         shapes="CRATE-T",
         candidates={"flash": dict(entry, holds=True), "auto": dict(entry, holds=None)},
+        unavailable={"cudnn": "No available kernel"},
         chosen="flash",
     )
     table = report.choices_table([dict(extra_info=info)])
@@ -135,6 +136,7 @@ def test_choices_mark_the_fastest_admissible_candidate():
         "| SDPA backend | CRATE-T | flash | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 1.0 | holds | ← |" in table
     )
     assert "| SDPA backend | CRATE-T | auto | 2.00 (1.00–3.00) | 2.00 (1.00–3.00) | 1.0 | n/a |  |" in table
+    assert "| SDPA backend | CRATE-T | cudnn | does not run: No available kernel | | | | |" in table
 
 
 def test_kernel_table_compares_each_form_with_sdpa():

@@ -137,6 +137,47 @@ def test_fused_attention_follows_precision_rule(precision, peaky, device, tiling
     assert backward.holds, f"backward: {backward}"
 
 
+OTHER_ROWS = [rows for rows in mssa_kernel.CANDIDATE_ROWS if rows != mssa_kernel.TILES.forward_rows]
+SLOW_TILES = {("triangle", 16)} if INTERPRETED else set()  # 91 tiles a head interpreted: 27 s on 2 cores
+
+
+@pytest.mark.parametrize(
+    "tiling, rows",
+    [
+        pytest.param(tiling, rows, marks=[pytest.mark.slow] if (tiling, rows) in SLOW_TILES else [])
+        for tiling in mssa_kernel.TILINGS
+        for rows in OTHER_ROWS
+    ],
+)
+@pytest.mark.parametrize("device", [_device("cpu")])
+def test_every_candidate_tile_computes_the_same_function(rows, tiling, device):
+    """The tile sweep's other row blocks (benchmarks/test_attention_kernel.py chooses among them on a
+    GPU): float64 equal to autograd as above (N 40: 3 or 2 row blocks, the last padded), and bf16 under
+    the precision rule, soft and peaky, at CRATE-T's head shapes (the triangle's 16-row tiles slow on
+    the CPU). Interpreted only: on CUDA the sweep checks the rule for every launch shape it times,
+    warps included (they change no interpreted value)."""
+    tiles = mssa_kernel.Tiles(forward_rows=rows, backward_rows=rows)
+    kernel = functools.partial(fused_symmetric_attention, tiling=tiling, tiles=tiles)
+    generator = torch.Generator().manual_seed(0)
+    w = (torch.randn(2, 3, 40, 20, generator=generator, dtype=torch.float64) * 3).to(device)
+    upstream = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(device)
+    out, grad = output_and_gradient(kernel, w, 3.0, upstream)
+    ref_out, ref_grad = output_and_gradient(explicit, w, 3.0, upstream)
+    assert_close(out, ref_out, 1e-10 * (1 + max_abs(ref_out)), "output")
+    assert_close(grad, ref_grad, 1e-10 * (1 + max_abs(ref_grad)), "gradient")
+    for peaky in (False, True):
+        forward, backward = rule_errors(kernel, "bfloat16", peaky, device)
+        print(f"kernel ({tiling}, {rows} rows) bf16 peaky {peaky} forward: {forward}; backward: {backward}")
+        assert forward.holds and backward.holds, f"peaky {peaky}: forward {forward}; backward {backward}"
+
+
+def test_a_launch_shape_the_kernels_cannot_take_is_refused():
+    with pytest.raises(ValueError, match=r"forward_rows 48; expected one of \(16, 32, 64, 128\)"):
+        mssa_kernel.Tiles(forward_rows=48)
+    with pytest.raises(ValueError, match=r"backward_warps 3; expected one of \(1, 2, 4, 8, 16\)"):
+        mssa_kernel.Tiles(backward_warps=3)
+
+
 @TILING
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_attention_saves_only_w(device, tiling):
@@ -222,17 +263,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from crate.models import mssa_kernel as k
 
-rows, out = {2: k.BLOCK_M, 4: k.WIDE_BACKWARD_BLOCK_M, 8: k.WIDE_BACKWARD_BLOCK_M}, {}
+wide_rows = min(k.TILES.backward_rows, k.WIDE_BACKWARD_BLOCK_M)
+rows, out = {2: k.TILES.backward_rows, 4: wide_rows, 8: wide_rows}, {}
 for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
     wide = "fp64" if size == 8 else "fp32"
     tokens, head_dim = (k.MAX_TOKENS, k.MAX_HEAD_DIM)
     if size == 8:
         tokens, head_dim = (k.FLOAT64_MAX_TOKENS, k.FLOAT64_MAX_HEAD_DIM)
     blocks = dict(BLOCK_N=tokens, BLOCK_P=max(16, head_dim))
+    triangle = ("W", "OUT", "TOP", "TOTAL", "ACC", "SCALE")
     for name, kernel, pointers, block_m in (
-        ("forward", k._forward_kernel, ("W", "OUT", "SCALE"), k.BLOCK_M),
+        ("forward", k._forward_kernel, ("W", "OUT", "SCALE"), k.TILES.forward_rows),
         ("backward", k._backward_kernel, ("W", "DO", "SCRATCH", "DW", "SCALE"), rows[size]),
-        ("triangle forward", k._triangle_forward_kernel, ("W", "OUT", "TOP", "TOTAL", "ACC", "SCALE"), 64),
+        ("triangle forward", k._triangle_forward_kernel, triangle, k.TILES.forward_rows),
     ):
         signature = {p: "*" + (dtype if p in ("W", "OUT", "DO", "DW") else wide) for p in pointers}
         signature.update(N="i32", P="i32")

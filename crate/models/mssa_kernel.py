@@ -47,6 +47,8 @@ kernel is selected (MSSA's docstring). With TRITON_INTERPRET=1 set before Triton
 (the root conftest.py does without CUDA) the kernels run on CPU tensors under Triton's interpreter.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -58,9 +60,35 @@ import triton.language as tl
 # the first (KERNEL_MAX_*) to choose the kernel without importing Triton.
 MAX_TOKENS, MAX_HEAD_DIM = 256, 64
 FLOAT64_MAX_TOKENS, FLOAT64_MAX_HEAD_DIM = 128, 32
-BLOCK_M = 64  # query rows per forward program, and per backward step in half precision
-WIDE_BACKWARD_BLOCK_M = 16  # per backward step in float32 and float64 (shared memory)
+WIDE_BACKWARD_BLOCK_M = 16  # the most query rows per backward step in float32 and float64 (shared memory)
 TILINGS = ("rows", "triangle")  # the forward's: row blocks of BLOCK_M, or S's upper triangle of tiles
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The launch shape of the two kernels: the forward's query rows per program (the triangle's tile
+    side) and the backward's per step (BLOCK_M, powers of two ≥ 16: tl.dot's smallest), and the warps
+    of each program. TILES is the default; benchmarks/test_attention_kernel.py's tile sweep measures
+    the others on a GPU (each checked against the precision rule there), to choose it."""
+
+    forward_rows: int = 64
+    forward_warps: int = 4
+    backward_rows: int = 64
+    backward_warps: int = 4
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("forward_rows", self.forward_rows, (16, 32, 64, 128)),
+            ("backward_rows", self.backward_rows, (16, 32, 64, 128)),
+            ("forward_warps", self.forward_warps, (1, 2, 4, 8, 16)),
+            ("backward_warps", self.backward_warps, (1, 2, 4, 8, 16)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"fused_symmetric_attention: {name} {value}; expected one of {allowed}")
+
+
+TILES = Tiles()
+CANDIDATE_ROWS, CANDIDATE_WARPS = (16, 32, 64), (4, 8)  # the tile sweep's, each row block verified
 # Triton 3.8's interpreter gets bfloat16 wrong twice: its dot multiplies bf16 blocks as their raw
 # uint16 bits (it converts fp8 only), and its float32 → bf16 cast truncates (its round-to-nearest
 # drops a carry into the exponent). Interpreted, _dot widens bf16 operands to float32 (exact, and
@@ -270,7 +298,7 @@ class FusedSymmetricAttention(torch.autograd.Function):
     the entry point."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float, tiling: str) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, scale: float, tiling: str, tiles: Tiles) -> torch.Tensor:
         device = w.device.type
         if torch.is_autocast_enabled(device):
             w = w.to(torch.get_autocast_dtype(device))  # as autocast's matmuls would (symmetric_attention)
@@ -284,33 +312,41 @@ class FusedSymmetricAttention(torch.autograd.Function):
         wide = torch.promote_types(w.dtype, torch.float32)
         o = torch.empty_like(w)
         scale_ = torch.full((1,), scale, dtype=wide, device=w.device)  # a float argument would be fp32
+        launch = dict(BLOCK_M=tiles.forward_rows, num_warps=tiles.forward_warps)
         if tiling == "rows":
-            grid = (heads, triton.cdiv(tokens, BLOCK_M))
-            _forward_kernel[grid](w, o, scale_, tokens, head_dim, BLOCK_M=BLOCK_M, **blocks)
+            grid = (heads, triton.cdiv(tokens, tiles.forward_rows))
+            _forward_kernel[grid](w, o, scale_, tokens, head_dim, **launch, **blocks)
         else:
             top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # running max, sum
             accumulator = torch.empty(w.shape, dtype=wide, device=w.device)  # Σⱼ exp(Sᵢⱼ − mᵢ)·Wⱼ
             arguments = (w, o, top, total, accumulator, scale_, tokens, head_dim)
-            _triangle_forward_kernel[(heads,)](*arguments, BLOCK_M=BLOCK_M, BLOCK_P=blocks["BLOCK_P"])
+            _triangle_forward_kernel[(heads,)](*arguments, **launch, BLOCK_P=blocks["BLOCK_P"])
         ctx.save_for_backward(w, scale_)
+        ctx.tiles = tiles
         return o
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         w, scale = ctx.saved_tensors
         *_, tokens, head_dim = w.shape
         heads = w.numel() // (tokens * head_dim)
         do = do.to(w.dtype).contiguous()
         scratch = torch.empty(w.shape, dtype=scale.dtype, device=w.device)  # the row parts s·dSᵢ·W
         dw = torch.empty_like(w)
-        rows = BLOCK_M if w.element_size() == 2 else WIDE_BACKWARD_BLOCK_M
+        rows = ctx.tiles.backward_rows
+        if w.element_size() > 2:
+            rows = min(rows, WIDE_BACKWARD_BLOCK_M)
         arguments = (w, do, scratch, dw, scale, tokens, head_dim)
-        _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, **_blocks(w))
-        return dw, None, None
+        _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, num_warps=ctx.tiles.backward_warps, **_blocks(w))
+        return dw, None, None, None
 
 
-def fused_symmetric_attention(w: torch.Tensor, scale: float, tiling: str = "rows") -> torch.Tensor:
+def fused_symmetric_attention(
+    w: torch.Tensor, scale: float, tiling: str = "rows", tiles: Tiles = TILES
+) -> torch.Tensor:
     """softmax_row(scale·WWᵀ)·W, (..., N, p) → (..., N, p), N ≤ MAX_TOKENS, p ≤ MAX_HEAD_DIM (float64:
     FLOAT64_MAX_*), on CUDA (or on the CPU under TRITON_INTERPRET=1); the gradient equals
-    symmetric_attention's. ``tiling``: the forward's, "rows" or "triangle" (the module's docstring)."""
-    return FusedSymmetricAttention.apply(w, scale, tiling)
+    symmetric_attention's. ``tiling``: the forward's, "rows" or "triangle" (the module's docstring);
+    ``tiles``: the kernels' launch shape (Tiles; in float32 and float64 the backward takes at most
+    WIDE_BACKWARD_BLOCK_M rows per step)."""
+    return FusedSymmetricAttention.apply(w, scale, tiling, tiles)
