@@ -27,6 +27,7 @@ import crate
 import crate.models.alpha
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha, OvercompleteISTA
 from crate.models.attention import symmetric_attention
+from crate.models.layers import KERNEL_VARIABLE
 from crate.train.compiled import forward_loss
 from crate.train.setup import set_fused
 from reference import proximal_gradient_steps
@@ -566,7 +567,19 @@ OPTIONS = {
     "explicit attention": dict(fused_attn=False),
     "gradient checkpointing": dict(grad_checkpointing=True),
     "bf16 autocast": dict(amp=True),
+    "Triton MSSA kernel": dict(kernel=True),  # CRATE_MSSA_KERNEL=1: CUDA training only
 }
+
+
+def _with_kernel(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with CRATE_MSSA_KERNEL=1 (MSSA reads it at every call) and without it after."""
+
+    def kernel_step():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(KERNEL_VARIABLE, "1")
+            step()
+
+    return kernel_step
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -574,8 +587,11 @@ OPTIONS = {
 def test_speed_options(benchmark, bench, option, mode):
     """Each option against the default CRATE-T (SDPA for inference, symmetric_attention under
     autograd), interleaved, in the run's precision (CPU float32, GPU bf16 autocast), except "bf16
-    autocast", which is against float32 on either; speed-up = default time / option time."""
+    autocast", which is against float32 on either, and "Triton MSSA kernel", CUDA training only (the
+    fused kernel against SDPA, eager); speed-up = default time / option time."""
     settings = OPTIONS[option]
+    if settings.get("kernel") and (mode != "train" or bench.device.type != "cuda"):
+        pytest.skip("the Triton kernel is MSSA's path in CUDA training only")
     overrides = bench.model_kwargs()
     default = timm.create_model("crate_tiny_patch16_224", **overrides).to(bench.device)
     variant = timm.create_model(
@@ -590,6 +606,8 @@ def test_speed_options(benchmark, bench, option, mode):
         "default": step_function(default, mode, default_bench),
         "option": step_function(variant, mode, option_bench),
     }
+    if settings.get("kernel"):
+        steps["option"] = _with_kernel(steps["option"])
     for step in steps.values():
         step()
     seconds = {name: [] for name in steps}

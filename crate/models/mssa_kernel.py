@@ -293,52 +293,80 @@ def _check_device(w: torch.Tensor) -> None:
         )
 
 
-class FusedSymmetricAttention(torch.autograd.Function):
-    """softmax_row(s·WWᵀ)·W for W (..., N, p) in two Triton kernels; ``fused_symmetric_attention`` is
-    the entry point."""
+# The kernels as two PyTorch operators (torch.library.custom_op), the backward registered as the
+# forward's gradient: torch.compile traces a model through them without a graph break and calls each
+# as one opaque kernel. Dynamo does not trace Triton's launcher (under the interpreter an
+# autograd.Function around the launches broke the graph at the launcher's reading of its settings).
+@torch.library.custom_op("crate::symmetric_attention_forward", mutates_args=())
+def _forward(
+    w: torch.Tensor,
+    scale: float,
+    tiling: str,
+    forward_rows: int,
+    forward_warps: int,
+    backward_rows: int,
+    backward_warps: int,
+) -> torch.Tensor:
+    """softmax_row(scale·WWᵀ)·W, W contiguous (..., N, p); the backward's launch shape rides along
+    for _setup_backward."""
+    _check_device(w)
+    *lead, tokens, head_dim = w.shape
+    blocks = _blocks(w)  # refuses what one program cannot hold
+    heads = w.numel() // (tokens * head_dim)
+    wide = torch.promote_types(w.dtype, torch.float32)
+    o = torch.empty_like(w)
+    scale_ = torch.full((1,), scale, dtype=wide, device=w.device)  # a float argument would be fp32
+    launch = dict(BLOCK_M=forward_rows, num_warps=forward_warps)
+    if tiling == "rows":
+        grid = (heads, triton.cdiv(tokens, forward_rows))
+        _forward_kernel[grid](w, o, scale_, tokens, head_dim, **launch, **blocks)
+    else:
+        top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # running max, sum
+        accumulator = torch.empty(w.shape, dtype=wide, device=w.device)  # Σⱼ exp(Sᵢⱼ − mᵢ)·Wⱼ
+        arguments = (w, o, top, total, accumulator, scale_, tokens, head_dim)
+        _triangle_forward_kernel[(heads,)](*arguments, **launch, BLOCK_P=blocks["BLOCK_P"])
+    return o
 
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float, tiling: str, tiles: Tiles) -> torch.Tensor:
-        device = w.device.type
-        if torch.is_autocast_enabled(device):
-            w = w.to(torch.get_autocast_dtype(device))  # as autocast's matmuls would (symmetric_attention)
-        _check_device(w)
-        if tiling not in TILINGS:
-            raise ValueError(f"fused_symmetric_attention: tiling {tiling!r}; expected one of {TILINGS}")
-        *lead, tokens, head_dim = w.shape
-        blocks = _blocks(w)
-        w = w.contiguous()
-        heads = w.numel() // (tokens * head_dim)
-        wide = torch.promote_types(w.dtype, torch.float32)
-        o = torch.empty_like(w)
-        scale_ = torch.full((1,), scale, dtype=wide, device=w.device)  # a float argument would be fp32
-        launch = dict(BLOCK_M=tiles.forward_rows, num_warps=tiles.forward_warps)
-        if tiling == "rows":
-            grid = (heads, triton.cdiv(tokens, tiles.forward_rows))
-            _forward_kernel[grid](w, o, scale_, tokens, head_dim, **launch, **blocks)
-        else:
-            top, total = torch.empty(2, *lead, tokens, dtype=wide, device=w.device)  # running max, sum
-            accumulator = torch.empty(w.shape, dtype=wide, device=w.device)  # Σⱼ exp(Sᵢⱼ − mᵢ)·Wⱼ
-            arguments = (w, o, top, total, accumulator, scale_, tokens, head_dim)
-            _triangle_forward_kernel[(heads,)](*arguments, **launch, BLOCK_P=blocks["BLOCK_P"])
-        ctx.save_for_backward(w, scale_)
-        ctx.tiles = tiles
-        return o
 
-    @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        w, scale = ctx.saved_tensors
-        *_, tokens, head_dim = w.shape
-        heads = w.numel() // (tokens * head_dim)
-        do = do.to(w.dtype).contiguous()
-        scratch = torch.empty(w.shape, dtype=scale.dtype, device=w.device)  # the row parts s·dSᵢ·W
-        dw = torch.empty_like(w)
-        rows = ctx.tiles.backward_rows
-        if w.element_size() > 2:
-            rows = min(rows, WIDE_BACKWARD_BLOCK_M)
-        arguments = (w, do, scratch, dw, scale, tokens, head_dim)
-        _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, num_warps=ctx.tiles.backward_warps, **_blocks(w))
-        return dw, None, None, None
+@torch.library.custom_op("crate::symmetric_attention_backward", mutates_args=())
+def _backward(w: torch.Tensor, do: torch.Tensor, scale: float, rows: int, warps: int) -> torch.Tensor:
+    """dW of softmax_row(scale·WWᵀ)·W for the upstream gradient dO, both contiguous in W's dtype."""
+    *_, tokens, head_dim = w.shape
+    heads = w.numel() // (tokens * head_dim)
+    wide = torch.promote_types(w.dtype, torch.float32)
+    scale_ = torch.full((1,), scale, dtype=wide, device=w.device)
+    scratch = torch.empty(w.shape, dtype=wide, device=w.device)  # the row parts s·dSᵢ·W
+    dw = torch.empty_like(w)
+    if w.element_size() > 2:
+        rows = min(rows, WIDE_BACKWARD_BLOCK_M)
+    arguments = (w, do, scratch, dw, scale_, tokens, head_dim)
+    _backward_kernel[(heads,)](*arguments, BLOCK_M=rows, num_warps=warps, **_blocks(w))
+    return dw
+
+
+@_forward.register_fake
+def _(w, scale, tiling, forward_rows, forward_warps, backward_rows, backward_warps):
+    return torch.empty_like(w)
+
+
+@_backward.register_fake
+def _(w, do, scale, rows, warps):
+    return torch.empty_like(w)
+
+
+def _setup_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    w, scale, _, _, _, rows, warps = inputs
+    ctx.save_for_backward(w)  # W alone: the backward recomputes S and P
+    ctx.scale, ctx.rows, ctx.warps = scale, rows, warps
+
+
+def _gradient(ctx, do: torch.Tensor) -> tuple:
+    (w,) = ctx.saved_tensors
+    dw = _backward(w, do.to(w.dtype).contiguous(), ctx.scale, ctx.rows, ctx.warps)
+    return dw, None, None, None, None, None, None
+
+
+_forward.register_autograd(_gradient, setup_context=_setup_backward)
 
 
 def fused_symmetric_attention(
@@ -349,4 +377,10 @@ def fused_symmetric_attention(
     symmetric_attention's. ``tiling``: the forward's, "rows" or "triangle" (the module's docstring);
     ``tiles``: the kernels' launch shape (Tiles; in float32 and float64 the backward takes at most
     WIDE_BACKWARD_BLOCK_M rows per step)."""
-    return FusedSymmetricAttention.apply(w, scale, tiling, tiles)
+    device = w.device.type
+    if torch.is_autocast_enabled(device):
+        w = w.to(torch.get_autocast_dtype(device))  # as autocast's matmuls would (symmetric_attention)
+    if tiling not in TILINGS:
+        raise ValueError(f"fused_symmetric_attention: tiling {tiling!r}; expected one of {TILINGS}")
+    launch = (tiles.forward_rows, tiles.forward_warps, tiles.backward_rows, tiles.backward_warps)
+    return _forward(w.contiguous(), scale, tiling, *launch)

@@ -519,6 +519,18 @@ TARGETS = (
                 "            if j < i:",
             ),
             Mutation(
+                "fused kernel's gradient operator takes scale 1",
+                "dw = _backward(w, do.to(w.dtype).contiguous(), ctx.scale, ctx.rows, ctx.warps)",
+                "dw = _backward(w, do.to(w.dtype).contiguous(), 1.0, ctx.rows, ctx.warps)",
+            ),
+            Mutation(
+                "fused kernel's fake forward drops the head dimension",
+                "def _(w, scale, tiling, forward_rows, forward_warps, backward_rows, backward_warps):\n"
+                "    return torch.empty_like(w)",
+                "def _(w, scale, tiling, forward_rows, forward_warps, backward_rows, backward_warps):\n"
+                "    return torch.empty_like(w[..., :1])",
+            ),
+            Mutation(
                 "fused kernel's correction Δ = rowsum(dO ∘ O)",
                 "delta = tl.sum(p_wide * dp, 1)",
                 "delta = tl.sum(do.to(dp.dtype) * _to(_dot(p, w_keys), W.dtype.element_ty).to(dp.dtype), 1)",
