@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 import reference
 from crate import convert_official_state_dict
-from crate.models.model import ista_step
+from crate.models.model import ista_matrix, ista_step
 from crate.verify import gate, plain, plain_alpha
 from verification import options
 from verification.asserts import assert_close, assert_within, max_abs
@@ -291,6 +291,39 @@ def test_ista_step_equals_released_block_in_float64_with_fewer_or_more_tokens_th
         fast = ista_step(u, W, eta, lam)
     tolerance = 1e-12 * (1 + max_abs(u)) * (1 + eta * torch.linalg.matrix_norm(W, ord=2).item() ** 2)
     assert_close(fast, expected, tolerance, f"ISTA with {batch * tokens} tokens, d = {dim}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ista_matrix_is_rounded_once(dtype):
+    """Bounded: M = η(W − WᵀW) is within one rounding of its exact value, |M − M*| ≤ u·|M*| entrywise
+    plus half the subnormal spacing (M* in float64, whose own error is ~1e-16 relative), at the
+    released init's scale U(±√(6/d)), d = 64. Every token's u·M shares M's rounding, so its error adds
+    coherently in a gradient summed over tokens (ista_matrix); computed in float32 itself, M erred up
+    to 2516u (median 1.7u)."""
+    W, exact = _ista_weight(dtype)
+    M = ista_matrix(W, 0.1)
+    assert M.dtype == dtype
+    finfo = torch.finfo(dtype)
+    underflow = finfo.smallest_normal * finfo.eps / 2  # half the subnormal spacing (float16's |M*| ≥ 1e-5)
+    assert torch.all((M.double() - exact).abs() <= finfo.eps / 2 * exact.abs() + underflow)
+
+
+def test_ista_matrix_under_autocast_is_float32_out_of_autocast():
+    """Bounded: under bf16 autocast, M is float32 computed with autocast off, so that the product u·M
+    rounds it once, to bf16: |M − M*| ≤ u_bf16/4·|M*| (measured at most 0.04 u_bf16). Computed
+    under autocast, WᵀW would be a bf16 product, rounded before the difference (~10 u_bf16·|M|)."""
+    W, exact = _ista_weight(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        M = ista_matrix(W, 0.1)
+    assert M.dtype == torch.float32
+    assert torch.all((M.double() - exact).abs() <= torch.finfo(torch.bfloat16).eps / 8 * exact.abs())
+
+
+def _ista_weight(dtype: torch.dtype, d: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """W at the released init's scale in ``dtype``, and η(W − WᵀW) of it in float64 (η = 0.1)."""
+    uniform = torch.rand(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = ((uniform * 2 - 1) * (6 / d) ** 0.5).to(dtype)
+    return W, 0.1 * (W.double() - W.double().T @ W.double())
 
 
 @pytest.mark.skipif(options.family() == ALPHA_FAMILY.name, reason="--crate-model is a CRATE-α model")

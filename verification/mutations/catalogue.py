@@ -250,11 +250,25 @@ TARGETS = (
             "test_training_mode.py",
             "test_initialisation.py",
             "test_position_embedding.py",
+            "test_fast_model.py",
         ),
         mutations=(
-            Mutation("fast: ISTA Gram transposed", "M = eta * (W - W.T @ W)", "M = eta * (W - W @ W.T)"),
-            Mutation("fast: ISTA uses D = Wᵀ", "M = eta * (W - W.T @ W)", "M = eta * (W.T - W.T @ W)"),
-            Mutation("fast: ISTA threshold constant", "u + u @ M - eta * lam", "u + u @ M - lam"),
+            Mutation(
+                "fast: ISTA Gram transposed",
+                "(W_wide - W_wide.T @ W_wide)",
+                "(W_wide - W_wide @ W_wide.T)",
+            ),
+            Mutation("fast: ISTA matrix computed in W's dtype", "W_wide = W.to(wide)", "W_wide = W"),
+            Mutation(
+                "fast: ISTA uses D = Wᵀ",
+                "(W_wide - W_wide.T @ W_wide)",
+                "(W_wide.T - W_wide.T @ W_wide)",
+            ),
+            Mutation(
+                "fast: ISTA threshold constant",
+                "u + u @ ista_matrix(W, eta) - eta * lam",
+                "u + u @ ista_matrix(W, eta) - lam",
+            ),
             Mutation(
                 "fast: missing MSSA residual",
                 "return x + self.drop_path(self.attn(self.norm1(x)))",
