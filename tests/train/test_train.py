@@ -359,7 +359,7 @@ def test_two_gloo_processes_compiled_reach_the_parameters_of_two_eager(tmp_path)
     buckets, so that each bucket's all-reduce overlaps the rest of the backward) reaches eager DDP's
     parameters after 5 float32 SGD steps, to the bound of the one-process compiled step
     (test_train_compile.py: 1% of each parameter's change plus 4 ulps of 1, a margin over the fused
-    kernels' rounding; measured 2026-12-07, 2 cores, avx512_bf16: at most 3.0e-7, on
+    kernels' rounding; measured 2026-12-07, Intel Xeon, 2 cores, avx512_bf16: at most 3.0e-7, on
     patch_embed.proj.weight, against changes of 1e-4 to 7e-3). ~75 s with a cold compile cache, ~30 s warm."""
     args = [*FAST, "--max-steps", "5", "--checkpoint-every", "5", "--no-amp", "--opt", "sgd"]
     for name, option in (("eager", "--no-compile"), ("compiled", "--compile")):
