@@ -6,9 +6,9 @@
 #      on an ImageNet-shaped JPEG folder, the gpu pipeline between the steps and prefetched), stored
 #      in the history (`make bench-compare`)                                                 241 s
 #   2. the choices: the fused Triton kernel's block against SDPA and symmetric_attention, and its
-#      tile sweep (benchmarks/test_attention_kernel.py), then SDPA backends at N = 197, the
-#      optimizer step, torch.compile's modes (benchmarks/test_compile_choices.py); written as each
-#      finishes                                                                             100 s
+#      tile sweep (benchmarks/test_attention_kernel.py), then SDPA backends at N = 197, CRATE-T's
+#      compiled training step through SDPA and through the kernel, the optimizer step,
+#      torch.compile's modes (benchmarks/test_compile_choices.py); written as each finishes  100 s
 #   3. the profile: batch 256 against 512, GPU kernel time against wall time (launch-bound?)  50 s
 #   4. the CUDA verification: both families, TF32 included; symmetric attention and every
 #      SDPA backend at CRATE-T/S/B head shapes, the Triton kernel compiled, under the precision
@@ -34,7 +34,9 @@
 # block (5 forms × 3 sizes × forward/train, Triton compiles ~2 s per kernel and shape): ~20 s; the tile
 # sweep (16 launch shapes at CRATE-B, 13 not compiled before: ~26 s, the rule checks and timed rounds
 # ~5 s): ~30 s; SDPA at three
-# shapes (~0.1 TFLOP per call, 6 candidates × 16 calls: ~5 s), the optimizer compiled once (~20 s),
+# shapes (~0.1 TFLOP per call, 6 candidates × 16 calls: ~5 s), CRATE-T's step through the kernel
+# (SDPA's compiled step in the compile cache from 1: ~10 s, the kernel's compiled ~20 s, eager with
+# the kernels built by the block benchmark ~2 s), the optimizer compiled once (~20 s),
 # then the modes, cheapest first: default (in the compile cache from 1: ~10 s per size), reduce-overhead
 # (~25 s per size), max-autotune-no-cudagraphs (a minute or more per size: the limit may stop it; what
 # finished is kept). 3: eager CRATE-T and -S at 256 and 512 (~15 s each with start-up), compiled CRATE-T

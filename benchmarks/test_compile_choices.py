@@ -1,13 +1,15 @@
 """The measurements that choose a training setting on CUDA, each candidate timed in interleaved rounds
-(rotating order) in one run: torch.compile's mode for a CRATE-T and CRATE-S training step, the
-optimizer step (fused AdamW, its multi-tensor loop, and that loop compiled as PyTorch's "compiling the
-optimizer" recipe has it), and the SDPA backend of MSSA's attention at N = 197 (with whether each
-keeps the precision rule forward and backward: only those that do may be chosen).
+(rotating order) in one run: the SDPA backend of MSSA's attention at N = 197 (with whether each keeps
+the precision rule forward and backward: only those that do may be chosen), MSSA's attention in the
+compiled training step (SDPA or the fused Triton kernel), the optimizer step (fused AdamW, its
+multi-tensor loop, and that loop compiled as PyTorch's "compiling the optimizer" recipe has it), and
+torch.compile's mode for a CRATE-T and CRATE-S training step.
 
 `python -m benchmarks.report RUN.json RUN-choices.json` prints them with the fastest admissible
 candidate marked; --results-json (benchmarks/conftest.py) writes each test's result as it finishes
-(the tests run cheapest first). CUDA only: compiling a step takes tens of seconds, and the CPU's
-choices are made (eager, symmetric_attention). Nothing here fails on speed.
+(the tests run in that order, what decides a default first and the slowest compiles last). CUDA
+only: compiling a step takes tens of seconds, and the CPU's choices are made (eager,
+symmetric_attention). Nothing here fails on speed.
 """
 
 import statistics
@@ -18,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.test_throughput import rotated_rounds, step_function
+from benchmarks.test_throughput import rotated_rounds, step_function, with_kernel
 from verification.test_symmetric_attention import SDPA_BACKENDS, SIZES, explicit, sdpa, sdpa_rule_errors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the choices are the GPU's")
@@ -103,6 +105,50 @@ def test_sdpa_backends(benchmark, bench, size):
         candidates=measured,
         unavailable={name: why for name, why in holds.items() if not isinstance(why, bool)},
         chosen=fastest(measured, lambda name: measured[name]["holds"] is True),
+    )
+
+
+KERNEL_OPERATOR = "crate::symmetric_attention_forward"  # crate/models/mssa_kernel.py's forward
+
+
+def kernel_calls(step: Callable[[], None]) -> int:
+    """Calls of the fused kernel's forward operator in one step (torch.profiler's operator events:
+    a compiled graph calls a custom operator through the dispatcher, which records it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    return sum(event.count for event in profile.key_averages() if event.key == KERNEL_OPERATOR)
+
+
+@CUDA
+@pytest.mark.parametrize("size", ["tiny"])
+def test_mssa_path_in_the_compiled_step(benchmark, bench, size):
+    """CRATE's training step as the trainer compiles it (default mode, fused AdamW, bf16 autocast),
+    MSSA's attention through SDPA (today's CUDA path) and through the fused Triton kernel, and the
+    kernel's eager step: whether the kernel pays where training runs. At CRATE-T, where attention is
+    the largest share of a step (its 4N²d FLOPs over the 6Nd² of U, W_out and ISTA's one matmul:
+    2N/3d, 0.34 at T, 0.17 at B). It may be chosen only where it keeps the precision rule on this
+    GPU (verification/test_mssa_kernel.py -k cuda, in the same run). The kernel's calls per step are
+    counted, so that a compiled step that kept SDPA cannot pass for the kernel's: each of the
+    depth's layers once, and never in the SDPA step."""
+    name = f"crate_{size}_patch16_224"
+    models = [timm.create_model(name, **bench.model_kwargs()).to(bench.device) for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    candidates = {
+        "compiled, SDPA": step_function(models[0], "train", bench, "default"),
+        "compiled, Triton kernel": with_kernel(step_function(models[1], "train", bench, "default")),
+        "eager, Triton kernel": with_kernel(step_function(models[2], "train", bench)),
+    }
+    measured = interleaved(benchmark, bench, candidates, bench.rounds)
+    calls = {candidate: kernel_calls(step) for candidate, step in candidates.items()}
+    depth = len(models[0].blocks)
+    assert calls == {"compiled, SDPA": 0, "compiled, Triton kernel": depth, "eager, Triton kernel": depth}
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        choice="MSSA attention in the training step",
+        shapes=f"CRATE-{size[0].upper()} train step, batch {bench.batch}",
+        candidates=measured,
+        chosen=fastest(measured),
     )
 
 

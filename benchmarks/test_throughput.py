@@ -27,7 +27,7 @@ import crate
 import crate.models.alpha
 from benchmarks.naive import NaiveCRATE, NaiveCRATEAlpha, OvercompleteISTA
 from crate.models.attention import symmetric_attention
-from crate.models.layers import KERNEL_VARIABLE
+from crate.models.layers import kernel_enabled
 from crate.models.model import ista_step
 from crate.train.compiled import forward_loss
 from crate.train.setup import set_fused
@@ -568,16 +568,16 @@ OPTIONS = {
     "explicit attention": dict(fused_attn=False),
     "gradient checkpointing": dict(grad_checkpointing=True),
     "bf16 autocast": dict(amp=True),
-    "Triton MSSA kernel": dict(kernel=True),  # CRATE_MSSA_KERNEL=1: CUDA training only
+    "Triton MSSA kernel": dict(kernel=True),  # crate.models.layers.kernel_enabled(): CUDA training only
 }
 
 
-def _with_kernel(step: Callable[[], None]) -> Callable[[], None]:
-    """The step with CRATE_MSSA_KERNEL=1 (MSSA reads it at every call) and without it after."""
+def with_kernel(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with MSSA's CUDA training path through the Triton kernel (a compiled step compiles
+    with it and recompiles when it is off, see crate.models.layers), the previous setting after it."""
 
     def kernel_step():
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(KERNEL_VARIABLE, "1")
+        with kernel_enabled():
             step()
 
     return kernel_step
@@ -608,7 +608,7 @@ def test_speed_options(benchmark, bench, option, mode):
         "option": step_function(variant, mode, option_bench),
     }
     if settings.get("kernel"):
-        steps["option"] = _with_kernel(steps["option"])
+        steps["option"] = with_kernel(steps["option"])
     for step in steps.values():
         step()
     seconds = {name: [] for name in steps}

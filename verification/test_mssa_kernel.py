@@ -250,7 +250,7 @@ def test_the_model_knows_the_kernel_s_limits():
 
 def _mssa_calls(device: str, monkeypatch, selected: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Kernel calls in one MSSA forward and backward (CRATE-T-like: 4 heads of 16, 17 tokens) with
-    CRATE_MSSA_KERNEL set or not, and the input gradients of that run and of the explicit path."""
+    the kernel enabled or not, and the input gradients of that run and of the explicit path."""
     calls = []
 
     def counted(w, scale):
@@ -258,10 +258,6 @@ def _mssa_calls(device: str, monkeypatch, selected: bool) -> tuple[int, torch.Te
         return mssa_kernel.FusedSymmetricAttention.apply(w, scale, "rows")
 
     monkeypatch.setattr(mssa_kernel, "fused_symmetric_attention", counted)
-    if selected:
-        monkeypatch.setenv(layers.KERNEL_VARIABLE, "1")
-    else:
-        monkeypatch.delenv(layers.KERNEL_VARIABLE, raising=False)
     torch.manual_seed(0)
     mssa = layers.MSSA(dim=64, heads=4, head_dim=16).to(device)
     y = torch.randn(2, 17, 64, device=device)
@@ -269,20 +265,48 @@ def _mssa_calls(device: str, monkeypatch, selected: bool) -> tuple[int, torch.Te
     for fused in (True, False):
         mssa.fused_attn = fused
         x = y.clone().requires_grad_()
-        mssa(x).square().sum().backward()
+        with layers.kernel_enabled(selected):
+            mssa(x).square().sum().backward()
         gradients.append(x.grad)
     return len(calls), *gradients
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_mssa_trains_through_the_kernel_on_cuda_only_when_selected(device, monkeypatch):
-    """CRATE_MSSA_KERNEL=1: MSSA's fused training path calls the kernel once per forward on CUDA,
-    never on the CPU; unset, never. The gradient equals the explicit path's within float32 rounding
+    """The kernel enabled: MSSA's fused training path calls it once per forward on CUDA, never on
+    the CPU; disabled, never. The gradient equals the explicit path's within float32 rounding
     (1e-4 relative: 17 tokens, sums of ~1e2 terms of size ~1, u ≈ 6e-8, margin ~10)."""
     calls, fused, explicit_grad = _mssa_calls(device, monkeypatch, selected=True)
     assert calls == (1 if device == "cuda" else 0)
     assert_close(fused, explicit_grad, 1e-4 * (1 + max_abs(explicit_grad)), "input gradient")
     assert _mssa_calls(device, monkeypatch, selected=False)[0] == 0
+
+
+def test_a_compiled_mssa_follows_the_kernel_switch(monkeypatch):
+    """One torch.compile'd attention, the switch turned off, on, off: each call takes the path the
+    switch names, with no reset (torch 2.14 folds an os.environ read into the graph unguarded, so a
+    step compiled with the kernel off would keep SDPA when it is turned on, and a second model of the
+    same shape could reuse that graph). The CPU stands in for CUDA, a marker for the kernel."""
+    monkeypatch.setattr(layers, "_kernel_fits", lambda w: True)
+    monkeypatch.setattr(layers, "_kernel_attention", lambda w, scale: -w)
+    attention = torch.compile(
+        lambda w: layers.subspace_attention(w, 0.5, True), backend="eager", fullgraph=True
+    )
+    w = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    paths = []
+    for enabled in (False, True, False):
+        with layers.kernel_enabled(enabled):
+            paths.append(torch.equal(attention(w), -w))
+    assert paths == [False, True, False]
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_the_environment_variable_sets_the_switch_at_import(value):
+    """CRATE_MSSA_KERNEL=1 when crate is imported enables the kernel, anything else leaves it off."""
+    code = "from crate.models import layers; print(layers._kernel_on)"
+    env = {**os.environ, layers.KERNEL_VARIABLE: value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(value == "1")
 
 
 AHEAD_OF_TIME = """

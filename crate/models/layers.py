@@ -1,6 +1,7 @@
 """The layers both CRATE families share: the patch embedding of CRATE, multi-head subspace
 self-attention (MSSA), drop path. Tokens are (B, N, d) throughout."""
 
+import contextlib
 import os
 
 import torch
@@ -67,9 +68,10 @@ def shifted(patches: torch.Tensor) -> torch.Tensor:
 def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
     """softmax_row(s·w_k w_kᵀ)·w_k per head: (B, K, N, p) -> (B, K, N, p), query = key = value = w.
 
-    ``fused``: with CRATE_MSSA_KERNEL=1 and a gradient on CUDA, the Triton kernels of mssa_kernel.py
-    (up to 256 tokens, heads up to 64 wide, not float64); else F.scaled_dot_product_attention where no
-    gradient flows or its backward is accurate, else symmetric_attention; not fused, and under
+    ``fused``: with the kernel enabled (see MSSA) and a gradient on CUDA, the Triton kernels of
+    mssa_kernel.py (up to 256 tokens, heads up to 64 wide, not float64); else
+    F.scaled_dot_product_attention where no gradient flows or its backward is accurate, else
+    symmetric_attention; not fused, and under
     TorchScript and torch.export, the explicit matmul-softmax path (see MSSA for why). A leaf of
     torch.fx traces (torch.fx.wrap), so that a traced model makes this choice when it runs, as the
     eager one does. The autograd functions stay behind is_scripting (TorchScript cannot compile one)
@@ -87,13 +89,32 @@ def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tens
     return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w
 
 
-KERNEL_VARIABLE = "CRATE_MSSA_KERNEL"  # =1: CUDA training through crate/models/mssa_kernel.py
+KERNEL_VARIABLE = "CRATE_MSSA_KERNEL"  # =1 when crate is imported: CUDA training through mssa_kernel.py
 KERNEL_MAX_TOKENS, KERNEL_MAX_HEAD_DIM = 256, 64  # mssa_kernel's MAX_TOKENS and MAX_HEAD_DIM
+# A module global, not the environment read at each call: torch.compile guards a global's value (a
+# compiled step recompiles when it changes) but folds an environment read into its graph unguarded.
+_kernel_on = os.environ.get(KERNEL_VARIABLE) == "1"
+
+
+@contextlib.contextmanager
+def kernel_enabled(enabled: bool = True):
+    """Within the block, MSSA's CUDA training path is the Triton kernel (True) or not (False),
+    whatever CRATE_MSSA_KERNEL said; the previous setting after it."""
+    global _kernel_on
+    previous, _kernel_on = _kernel_on, enabled
+    try:
+        yield
+    finally:
+        _kernel_on = previous
 
 
 def _kernel_selected(w: torch.Tensor) -> bool:
-    fits = w.shape[-2] <= KERNEL_MAX_TOKENS and w.shape[-1] <= KERNEL_MAX_HEAD_DIM
-    return w.is_cuda and w.dtype != torch.float64 and fits and os.environ.get(KERNEL_VARIABLE) == "1"
+    return _kernel_on and _kernel_fits(w)
+
+
+def _kernel_fits(w: torch.Tensor) -> bool:
+    small = w.shape[-2] <= KERNEL_MAX_TOKENS and w.shape[-1] <= KERNEL_MAX_HEAD_DIM
+    return w.is_cuda and w.dtype != torch.float64 and small
 
 
 def _kernel_attention(w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -117,9 +138,10 @@ class MSSA(nn.Module):
     verification/test_symmetric_attention.py finds that CUDA's flash and memory-efficient kernels
     keep it in float16 and bfloat16 only; in float32, and on the CPU, their gradients break it with
     peaky attention (the measured factors and speeds: README "Using the fast model").
-    Opt-in, default off: the environment variable CRATE_MSSA_KERNEL=1 makes CUDA training (any
-    dtype but float64) run crate/models/mssa_kernel.py's fused Triton kernels instead (read at every
-    call, so a run's verification gate checks the model with them; verified under Triton's
+    Opt-in, default off: the environment variable CRATE_MSSA_KERNEL=1 (read when crate is imported)
+    or ``kernel_enabled()`` makes CUDA training (any dtype but float64) run
+    crate/models/mssa_kernel.py's fused Triton kernels instead (chosen at every call, compiled or
+    not, so a run's verification gate checks the model with them; verified under Triton's
     interpreter on the CPU, to become the default only where a GPU run shows it keeps the rule and
     wins).
     ``proj`` is W_out, with a bias in CRATE and without in CRATE-α (absent when one head spans the

@@ -193,6 +193,7 @@ TARGETS = (
             "test_training_mode.py",
             "test_initialisation.py",
             "test_patch_embedding.py",
+            "test_mssa_kernel.py",
         ),
         mutations=(
             Mutation(
@@ -240,6 +241,16 @@ TARGETS = (
             Mutation("fast: drop-path active in eval", "if not self.training:", "if self.probability == 0:"),
             Mutation(
                 "fast: no dropout after W_out", "return self.proj_drop(self.proj(o))", "return self.proj(o)"
+            ),
+            Mutation(
+                "fast: the kernel whatever the switch says",
+                "return _kernel_on and _kernel_fits(w)",
+                "return _kernel_fits(w)",
+            ),
+            Mutation(
+                "fast: the kernel switch read from the environment at each call",
+                "return _kernel_on and _kernel_fits(w)",
+                'return os.environ.get(KERNEL_VARIABLE) == "1" and _kernel_fits(w)',
             ),
         ),
     ),
