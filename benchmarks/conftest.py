@@ -4,6 +4,7 @@ or tiny sizes and one round with --bench-smoke (what `make test` runs, so the be
 import argparse
 import datetime
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,17 @@ def pytest_addoption(parser):
         help="compiled training rows in the interleaved runs (default: on CUDA in full runs only; "
         "compiling a step takes ~25 s on 2 CPU cores)",
     )
+
+
+COMMIT_VARIABLE = "CRATE_COMMIT"  # the commit a run measures, where its tree has no .git
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """A GPU machine runs a copy of the working tree without .git (benchmarks/run_gpu.sh there), so
+    pytest-benchmark finds no commit; CRATE_COMMIT names it, so that the history files the run by
+    commit as it does a local one. A commit git found is kept."""
+    if os.environ.get(COMMIT_VARIABLE) and commit_info.get("id") in ("unversioned", "unknown"):
+        commit_info["id"] = os.environ[COMMIT_VARIABLE]
 
 
 _FINISHED: list[dict] = []  # this session's finished benchmarks, for --results-json

@@ -22,6 +22,11 @@
 #   PY=python3 benchmarks/run_gpu.sh       # any Python with torch, timm, pytest, pytest-benchmark and
 #                                          # hypothesis (the root conftest.py); the package need not be
 #                                          # installed: the repository root goes on PYTHONPATH
+#   CRATE_COMMIT=<sha> GPU_RUN_ARCHIVE=<dir>/gpu-run.tar.gz benchmarks/run_gpu.sh
+#                                          # on a machine that got a copy of the tree without .git: the
+#                                          # history files the run under that commit, and everything
+#                                          # the run wrote is packed into one archive to bring back
+#                                          # (tar xzf it in the repository root, then commit)
 #
 # Budget, from FLOPs and compile times. Measured 2026-11-27 (H100 80GB, torch 2.11): 137 s in all,
 # pytest 112 s, of which torch.compile 43 s for two CRATE-T compiles (inference, train), base-size
@@ -55,7 +60,8 @@ $PY -c "import torch, timm, pytest, pytest_benchmark, hypothesis, crate" || {
 device=$($PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 1
 stem="benchmarks/results/gpu-${device}-$(date +%F)"
 failures=$(mktemp)  # parts that failed or hit their limit (parts inside a pipe run in a subshell)
-trap 'rm -f "$failures"' EXIT
+started=$(mktemp)   # its time stamp: the history files newer than it are this run's
+trap 'rm -f "$failures" "$started"' EXIT
 
 part() {  # part NAME SECONDS COMMAND...: run it under its limit; a failure or a timeout is reported, not fatal
     local name=$1 limit=$2 start=$SECONDS status=0
@@ -120,6 +126,10 @@ profile
 } 2>&1 | tee "${stem}-verification.txt"
 
 echo "all done in ${SECONDS} s"
+if [ -n "${GPU_RUN_ARCHIVE:-}" ]; then
+    written=$({ ls -d "${stem}"*; find benchmarks/history -type f -newer "$started"; } 2>/dev/null)
+    tar czf "$GPU_RUN_ARCHIVE" $written && echo "packed into ${GPU_RUN_ARCHIVE}:" $written
+fi
 if [ -s "$failures" ]; then
     echo "not complete:" >&2
     cat "$failures" >&2

@@ -7,6 +7,7 @@
 # whole-model step, benchmarks/run_gpu.sh). Expect 5–8 minutes; each command is capped.
 #
 #   benchmarks/run_gpu_gate.sh            # .venv/bin/python where `make setup` made it, else python3
+#   GPU_RUN_ARCHIVE=<dir>/gate.tar.gz benchmarks/run_gpu_gate.sh   # also packs what it wrote there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -30,3 +31,6 @@ stem="benchmarks/results/gpu-${device}-$(date +%F)-gate"
         crate_base_patch16_224 crate_alpha_base_patch16_224
 } 2>&1 | tee "${stem}.txt"
 echo "all done in ${SECONDS} s"
+if [ -n "${GPU_RUN_ARCHIVE:-}" ]; then
+    tar czf "$GPU_RUN_ARCHIVE" "${stem}"* && echo "packed into ${GPU_RUN_ARCHIVE}:" "${stem}"*
+fi

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import history
+from benchmarks.conftest import COMMIT_VARIABLE, pytest_benchmark_update_commit_info
 
 CPU = dict(brand_raw="Test CPU", count=2, flags=["avx2"])
 OTHER_CPU = dict(brand_raw="Test CPU", count=2, flags=["avx2", "avx512_bf16"])
@@ -138,3 +139,22 @@ def test_compiled_ratios_and_throughputs_are_their_own_series(tmp_path):
         "tiny train CRATE compiled",
         "tiny train ViT compiled",
     }
+
+
+@pytest.mark.parametrize(
+    ("found", "named", "stored"),
+    [
+        ("unversioned", "abc1234", "abc1234"),  # no .git (a GPU machine's copy): the named commit
+        ("unknown", "abc1234", "abc1234"),  # git failed
+        ("f00d", "abc1234", "f00d"),  # git found one: kept
+        ("unversioned", None, "unversioned"),  # nothing named
+    ],
+)
+def test_a_run_without_git_is_filed_under_the_named_commit(monkeypatch, found, named, stored):
+    if named is None:
+        monkeypatch.delenv(COMMIT_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(COMMIT_VARIABLE, named)
+    commit_info = dict(id=found, dirty=False)
+    pytest_benchmark_update_commit_info(None, commit_info)
+    assert commit_info["id"] == stored
