@@ -64,6 +64,15 @@ def shifted(patches: torch.Tensor) -> torch.Tensor:
     return patches - patches[..., :1]
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing: torch.compiler.is_exporting() as torch 2.14 answers it, on every
+    version. Before 2.14, dynamo folded that call to True under torch.compile as well (pytorch#176347),
+    which sent compiled training off the Triton kernel and symmetric_attention; 2.14's dynamo reads
+    the flag that torch.export sets, and so does this."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 @torch.fx.wrap
 def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
     """softmax_row(s·w_k w_kᵀ)·w_k per head: (B, K, N, p) -> (B, K, N, p), query = key = value = w.
@@ -79,12 +88,12 @@ def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tens
     """
     autograd = torch.is_grad_enabled() and w.requires_grad
     if fused and not torch.jit.is_scripting():
-        if autograd and not torch.compiler.is_exporting() and _kernel_selected(w):
+        if autograd and not exporting() and _kernel_selected(w):
             return _kernel_attention(w, scale)
     if fused and (not autograd or _fused_backward_is_accurate(w)):
         return F.scaled_dot_product_attention(w, w, w, scale=scale)
     if fused and not torch.jit.is_scripting():
-        if not torch.compiler.is_exporting():
+        if not exporting():
             return symmetric_attention(w, scale)
     return ((w @ w.transpose(-2, -1)) * scale).softmax(dim=-1) @ w
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidError
-from .layers import MSSA, NORM_EPS, DropPath, PatchEmbed, pair
+from .layers import MSSA, NORM_EPS, DropPath, PatchEmbed, exporting, pair
 from .recompute import in_eager_autograd, norm_outputs_recomputed
 from .released import resample_position_embedding
 
@@ -35,10 +35,10 @@ def ista_step(u: torch.Tensor, W: torch.Tensor, eta: float, lam: float) -> torch
     The residual u stays outside the products in both, which keeps bf16 accurate. torch.export
     takes the first form at every batch (its batch is symbolic); a torch.fx leaf, so that a traced
     model chooses when it runs, as the eager one does."""
-    exporting = False
+    traced_for_export = False
     if not torch.jit.is_scripting():
-        exporting = torch.compiler.is_exporting()
-    if not exporting and u.numel() < u.shape[-1] * W.shape[0]:
+        traced_for_export = exporting()
+    if not traced_for_export and u.numel() < u.shape[-1] * W.shape[0]:
         return F.relu(u + (u - u @ W.T) @ (eta * W) - eta * lam)
     return F.relu(u + u @ ista_matrix(W, eta) - eta * lam)
 

@@ -523,6 +523,24 @@ def test_compiled_model_matches_eager(build):
         assert torch.allclose(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
+class _ExportProbe(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if crate.models.layers.exporting() else x - 1
+
+
+def test_export_is_told_from_compile_on_every_torch(monkeypatch):
+    """crate.models.layers.exporting(): False in eager and under torch.compile, True under torch.export.
+    torch.compiler.is_exporting() answered True under torch.compile too before torch 2.14
+    (pytorch#176347: compiled training then left the Triton kernel and symmetric_attention); that
+    answer is played here by is_compiling, which is what the older dynamo returned for it (through a
+    function of its own: 2.14's dynamo answers for whatever the name torch.compiler.is_exporting holds)."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    x, probe = torch.zeros(2), _ExportProbe()
+    assert probe(x).tolist() == [-1.0, -1.0]
+    assert torch.compile(probe, backend="eager", fullgraph=True)(x).tolist() == [-1.0, -1.0]
+    assert torch.export.export(probe, (x,)).module()(x).tolist() == [1.0, 1.0]
+
+
 def test_bf16_autocast_runs_on_cpu(build):
     model = build().eval()
     images = _images()

@@ -194,6 +194,7 @@ TARGETS = (
             "test_initialisation.py",
             "test_patch_embedding.py",
             "test_mssa_kernel.py",
+            "test_model.py",
         ),
         mutations=(
             Mutation(
@@ -251,6 +252,11 @@ TARGETS = (
                 "fast: the kernel switch read from the environment at each call",
                 "return _kernel_on and _kernel_fits(w)",
                 'return os.environ.get(KERNEL_VARIABLE) == "1" and _kernel_fits(w)',
+            ),
+            Mutation(
+                "fast: export told by is_exporting(), which older dynamo answers True under compile",
+                "return torch.compiler.is_exporting() if flag is None else flag",
+                "return torch.compiler.is_exporting()",
             ),
         ),
     ),
