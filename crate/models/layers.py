@@ -80,11 +80,11 @@ def subspace_attention(w: torch.Tensor, scale: float, fused: bool) -> torch.Tens
     ``fused``: with the kernel enabled (see MSSA) and a gradient on CUDA, the Triton kernels of
     mssa_kernel.py (up to 256 tokens, heads up to 64 wide, not float64); else
     F.scaled_dot_product_attention where no gradient flows or its backward is accurate, else
-    symmetric_attention; not fused, and under
-    TorchScript and torch.export, the explicit matmul-softmax path (see MSSA for why). A leaf of
-    torch.fx traces (torch.fx.wrap), so that a traced model makes this choice when it runs, as the
-    eager one does. The autograd functions stay behind is_scripting (TorchScript cannot compile one)
-    and is_exporting (an exported graph differentiates plain operations only).
+    symmetric_attention; not fused, and under TorchScript and torch.export, the explicit
+    matmul-softmax path (see MSSA for why). A leaf of torch.fx traces (torch.fx.wrap), so that a
+    traced model makes this choice when it runs, as the eager one does. The autograd functions stay
+    behind is_scripting (TorchScript cannot compile one) and exporting() (an exported graph
+    differentiates plain operations only).
     """
     autograd = torch.is_grad_enabled() and w.requires_grad
     if fused and not torch.jit.is_scripting():
